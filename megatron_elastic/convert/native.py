@@ -1,0 +1,123 @@
+"""The native model directory: what ``megatron-elastic`` writes and reads.
+
+Layout (documented in docs/conversion.md)::
+
+    DIR/
+      megatron_elastic.json   {"format": "megatron-elastic-model", "format_version": 1,
+                               "model": {HybridConfig fields}, "num_parameters": int, "dtype": str}
+      model.safetensors       every parameter under its native name (see below)
+      tokenizer*.json ...     optional, copied through conversions untouched
+
+Native names: ``embedding.weight``, ``layers.{i}.norm.weight``, ``layers.{i}.mixer.<param>``
+(Mamba: in_proj, conv1d, dt_bias, A_log, D, norm, out_proj; attention: q/k/v/o_proj; MLP:
+up/down_proj), ``final_norm.weight``, ``output_layer.weight`` (absent when tied).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_elastic.errors import CheckpointError
+from megatron_elastic.model.config import HybridConfig
+from megatron_elastic.model.hybrid import HybridLM
+from megatron_elastic.utils.io import atomic_directory, load_safetensors, read_json, write_json
+
+META_FILE = "megatron_elastic.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "megatron-elastic-model"
+FORMAT_VERSION = 1
+# Files that travel with a model through conversions, untouched.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "generation_config.json", "chat_template.jinja",
+)  # fmt: skip
+
+
+def is_native_dir(path: Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The one floating dtype of a state dict; float32 when it mixes several."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def load_state_into(model: HybridLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``; every missing, unexpected or mis-shaped key is a CheckpointError."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}")
+        raise CheckpointError(
+            f"{source}: weights do not match the model config ({'; '.join(parts)}); the config and the "
+            "weights come from different models, or the checkpoint is incomplete"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but the config implies "
+                f"{tuple(expected[key].shape)}; the config and the weights come from different models"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def save_native(model: HybridLM, dst: str | Path, *, overwrite: bool = False, side_files_from: Path | None = None) -> Path:
+    """Write ``model`` as a native directory, atomically."""
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values()})
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / META_FILE, {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": model.config.to_dict(),
+            "num_parameters": model.num_parameters(),
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        })  # fmt: skip
+        if side_files_from is not None:
+            copy_side_files(side_files_from, tmp)
+    return dst
+
+
+def read_native_config(src: str | Path) -> HybridConfig:
+    meta = read_json(Path(src) / META_FILE, "model metadata")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(src)!r}: {META_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(src)!r}: format_version {meta.get('format_version')!r} is not supported by this "
+            f"version (reads {FORMAT_VERSION}); upgrade megatron-elastic"
+        )
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{str(src)!r}: {META_FILE} has no 'model' section")
+    return HybridConfig.from_dict(meta["model"], where=f"{src}/{META_FILE} model")
+
+
+def load_native(src: str | Path, *, dtype: torch.dtype | None = torch.float32) -> HybridLM:
+    src = Path(src)
+    config = read_native_config(src)
+    state = load_safetensors(src / WEIGHTS_FILE, dtype=dtype)
+    model = HybridLM(config, init=False).to(dtype or stored_dtype(state))
+    load_state_into(model, state, str(src))
+    return model

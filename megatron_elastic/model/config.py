@@ -1,0 +1,290 @@
+"""The hybrid model's configuration: one validated dataclass, plus named presets.
+
+The layer pattern has one symbol per layer: ``M`` Mamba-2 mixer, ``*`` self-attention, ``-`` MLP.
+``|`` marks a pipeline-stage boundary and is not a layer. Field names follow megatron-core where it
+has a name for the thing (``ffn_hidden_size``, ``num_attention_heads``, ``num_query_groups``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from megatron_elastic.errors import ConfigError
+
+MAMBA, ATTENTION, MLP = "M", "*", "-"
+LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP)
+STAGE_SEPARATOR = "|"
+LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
+# Symbols megatron-core's hybrid models know but this project does not implement.
+_UNSUPPORTED_SYMBOLS = {"E": "MoE layers ('E') are not supported; use a dense MLP ('-')"}
+
+
+def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
+    """Split a hybrid pattern into its layer symbols and the layer counts of its pipeline stages.
+
+    ``"M-M*|M-M-"`` -> (``['M','-','M','*','M','-','M','-']``, ``[4, 4]``).
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(
+            f"layer pattern {pattern!r} is empty; give one symbol per layer, e.g. 'M-M*-' "
+            "(M = Mamba-2, * = attention, - = MLP, | = pipeline-stage boundary)"
+        )
+    layers: list[str] = []
+    stages: list[int] = []
+    current = 0
+    for pos, symbol in enumerate(pattern):
+        if symbol in LAYER_SYMBOLS:
+            layers.append(symbol)
+            current += 1
+        elif symbol == STAGE_SEPARATOR:
+            if current == 0:
+                raise ConfigError(
+                    f"layer pattern {pattern!r} has an empty pipeline stage at position {pos}; "
+                    "put at least one layer between '|' separators and none at the ends"
+                )
+            stages.append(current)
+            current = 0
+        elif symbol in _UNSUPPORTED_SYMBOLS:
+            raise ConfigError(f"layer pattern {pattern!r}: {_UNSUPPORTED_SYMBOLS[symbol]}")
+        else:
+            raise ConfigError(
+                f"layer pattern {pattern!r} has unknown symbol {symbol!r} at position {pos}; "
+                "use only M (Mamba-2), * (attention), - (MLP) and | (pipeline-stage boundary)"
+            )
+    if current == 0:
+        raise ConfigError(
+            f"layer pattern {pattern!r} ends with '|' (an empty pipeline stage); remove the trailing '|'"
+        )
+    stages.append(current)
+    return layers, stages
+
+
+@dataclass(kw_only=True)
+class HybridConfig:
+    """Shape and numerics of a Nemotron-H style hybrid Mamba-2 / attention / MLP language model."""
+
+    pattern: str
+    """Layer pattern, one symbol per layer: M Mamba-2, * attention, - MLP; | = stage boundary."""
+    vocab_size: int
+    """Number of token ids (rows of the embedding and of the output layer)."""
+    hidden_size: int
+    """Width of the residual stream."""
+    ffn_hidden_size: int
+    """Intermediate width of each MLP (squared-ReLU, no gate)."""
+    num_attention_heads: int
+    """Query heads per attention layer."""
+    num_query_groups: int
+    """Key/value heads per attention layer (GQA); must divide num_attention_heads."""
+    head_dim: int
+    """Channels per attention head (need not equal hidden_size / num_attention_heads)."""
+    mamba_num_heads: int
+    """Mamba-2 heads per Mamba layer; d_inner = mamba_num_heads * mamba_head_dim."""
+    mamba_head_dim: int
+    """Channels per Mamba-2 head."""
+    mamba_num_groups: int
+    """B/C groups per Mamba layer; must divide mamba_num_heads (heads split evenly over groups)."""
+    mamba_state_dim: int
+    """SSM state size N per group."""
+    mamba_conv_kernel: int = 4
+    """Width of the causal depthwise convolution over [x, B, C]."""
+    mamba_chunk_size: int = 128
+    """Chunk length of the chunked SSD scan (numerics do not depend on it beyond rounding)."""
+    mamba_dt_min: float = 0.001
+    """Lower end of the log-uniform dt initialisation range."""
+    mamba_dt_max: float = 0.1
+    """Upper end of the log-uniform dt initialisation range."""
+    mamba_dt_init_floor: float = 1e-4
+    """Smallest dt at initialisation."""
+    mamba_dt_limit: tuple[float, float] = (0.001, math.inf)
+    """Clamp applied to softplus(dt + dt_bias) in the forward pass (NemotronH: (dt_min, inf))."""
+    mamba_conv_bias: bool = True
+    """Bias on the depthwise convolution."""
+    mamba_proj_bias: bool = False
+    """Bias on the Mamba in_proj and out_proj."""
+    mlp_bias: bool = False
+    """Bias on the MLP up/down projections."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm (block norms, final norm, Mamba gated norm)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of linear and embedding weights."""
+    rescale_prenorm_residual: bool = True
+    """Initialise Mamba out_proj with kaiming-uniform / sqrt(num_layers), as NemotronH does."""
+    tie_embeddings: bool = False
+    """Share the embedding matrix with the output layer."""
+    _layers: list[str] = field(init=False, repr=False, compare=False)
+    _stages: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.mamba_dt_limit = tuple(float(v) for v in self.mamba_dt_limit)  # YAML/JSON give lists
+        self._layers, self._stages = parse_pattern(self.pattern)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+            "head_dim", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim",
+            "mamba_conv_kernel", "mamba_chunk_size",
+        ]  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{name}={value!r} is invalid; it must be a positive integer")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={self.num_query_groups}; pick KV heads that divide the query heads"
+            )
+        if self.mamba_num_heads % self.mamba_num_groups:
+            raise ConfigError(
+                f"model.mamba_num_heads={self.mamba_num_heads} is not divisible by "
+                f"model.mamba_num_groups={self.mamba_num_groups}; heads are split evenly over groups, "
+                "so pick a group count that divides the head count"
+            )
+        for name in ("norm_eps", "init_std", "mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"model.{name}={value!r} is invalid; it must be a positive number")
+        if self.mamba_dt_min > self.mamba_dt_max:
+            raise ConfigError(
+                f"model.mamba_dt_min={self.mamba_dt_min} exceeds model.mamba_dt_max={self.mamba_dt_max}; "
+                "swap them"
+            )
+        lo, hi = self.mamba_dt_limit if len(self.mamba_dt_limit) == 2 else (None, None)
+        if lo is None or not (0.0 <= lo < hi):
+            raise ConfigError(
+                f"model.mamba_dt_limit={list(self.mamba_dt_limit)} is invalid; give [low, high] with "
+                "0 <= low < high (high may be inf)"
+            )
+
+    # ------------------------------------------------------------------ derived shapes
+    @property
+    def layer_types(self) -> list[str]:
+        """One symbol per layer, pipeline separators removed."""
+        return list(self._layers)
+
+    @property
+    def stage_layer_counts(self) -> list[int]:
+        """Layers per pipeline stage as written with '|' in the pattern (one stage if none)."""
+        return list(self._stages)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        # conv1d covers [x, B, C] = [d_inner, G*N, G*N]
+        return self.mamba_d_inner + 2 * self.mamba_num_groups * self.mamba_state_dim
+
+    @property
+    def mamba_in_proj_dim(self) -> int:
+        # in_proj -> [z, x, B, C, dt] = [d_inner, d_inner, G*N, G*N, H]
+        return 2 * self.mamba_d_inner + 2 * self.mamba_num_groups * self.mamba_state_dim + self.mamba_num_heads
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        out["mamba_dt_limit"] = list(self.mamba_dt_limit)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, *, where: str = "model config") -> "HybridConfig":
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            import difflib
+
+            hints = [difflib.get_close_matches(k, known, n=1) for k in unknown]
+            hint = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in zip(unknown, hints))
+            raise ConfigError(f"{where}: unknown key(s) {hint}; valid keys: {', '.join(sorted(known))}")
+        required = {f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
+        return cls(**data)
+
+
+def num_parameters(config: HybridConfig) -> dict[str, int]:
+    """Parameter count per component, computed from the shapes alone (no model is built).
+
+    Keys: ``embedding``, ``output_layer`` (0 when tied), ``final_norm`` and ``layer{i}`` for each
+    layer (its pre-norm included). Equal to the ``numel`` of a built :class:`HybridLM`.
+    """
+    c = config
+    d = c.hidden_size
+    counts = {"embedding": c.vocab_size * d}
+    for i, kind in enumerate(c.layer_types):
+        n = d  # pre-norm weight
+        if kind == MAMBA:
+            n += d * c.mamba_in_proj_dim + (c.mamba_in_proj_dim if c.mamba_proj_bias else 0)
+            n += c.mamba_conv_dim * c.mamba_conv_kernel + (c.mamba_conv_dim if c.mamba_conv_bias else 0)
+            n += 3 * c.mamba_num_heads  # dt_bias, A_log, D
+            n += c.mamba_d_inner  # gated norm weight
+            n += c.mamba_d_inner * d + (d if c.mamba_proj_bias else 0)
+        elif kind == ATTENTION:
+            q = c.num_attention_heads * c.head_dim
+            kv = c.num_query_groups * c.head_dim
+            n += d * (q + 2 * kv) + q * d
+        else:
+            f = c.ffn_hidden_size
+            n += 2 * d * f + ((f + d) if c.mlp_bias else 0)
+        counts[f"layer{i}"] = n
+    counts["final_norm"] = d
+    counts["output_layer"] = 0 if c.tie_embeddings else c.vocab_size * d
+    return counts
+
+
+# ---------------------------------------------------------------------- presets
+def _tiny() -> HybridConfig:
+    # ~0.85M parameters: trains in seconds on 2 CPU cores; every axis of the parent is non-trivial
+    # (2 Mamba groups, GQA, head_dim != hidden/heads) so that later elastic tests exercise them.
+    return HybridConfig(
+        pattern="M-M*-M-",
+        vocab_size=512,
+        hidden_size=128,
+        ffn_hidden_size=384,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=48,
+        mamba_num_heads=8,
+        mamba_head_dim=32,
+        mamba_num_groups=2,
+        mamba_state_dim=32,
+        mamba_chunk_size=64,
+    )
+
+
+def _nemotron_nano_12b_v2() -> HybridConfig:
+    # Nemotron Nano V2 12B (PAPER.md): 62 layers (28 M, 6 *, 28 -).
+    pattern = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
+    return HybridConfig(
+        pattern=pattern,
+        vocab_size=131072,
+        hidden_size=5120,
+        ffn_hidden_size=20480,
+        num_attention_heads=40,
+        num_query_groups=8,
+        head_dim=128,
+        mamba_num_heads=128,
+        mamba_head_dim=80,
+        mamba_num_groups=8,
+        mamba_state_dim=128,
+        mamba_chunk_size=128,
+    )
+
+
+PRESETS = {"tiny": _tiny, "nemotron-nano-12b-v2": _nemotron_nano_12b_v2}
+
+
+def preset(name: str) -> HybridConfig:
+    """A named model shape: ``tiny`` (CPU demo and tests) or ``nemotron-nano-12b-v2``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,94 @@
+"""The hybrid language model: embedding -> pre-norm residual blocks (Mamba-2 / attention / MLP) ->
+final RMSNorm -> output layer. Single-device PyTorch; parallelism is applied to it afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.layers import MLP as MLPMixer
+from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mixer, RMSNorm
+
+# The layer spec: which module implements each pattern symbol. Parallel or fused variants are
+# swapped in by passing another mapping, not by branches inside the layers.
+REFERENCE_MIXERS: Mapping[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: MLPMixer}
+
+
+class HybridBlock(nn.Module):
+    """x + mixer(RMSNorm(x))."""
+
+    def __init__(self, config: HybridConfig, layer_type: str, mixers: Mapping[str, type[nn.Module]]):
+        super().__init__()
+        self.layer_type = layer_type
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mixer = mixers[layer_type](config)
+
+    def forward(self, hidden_BLD: torch.Tensor) -> torch.Tensor:
+        return hidden_BLD + self.mixer(self.norm(hidden_BLD))
+
+    def extra_repr(self) -> str:
+        return f"type={LAYER_NAMES[self.layer_type]}"
+
+
+class HybridLM(nn.Module):
+    """Nemotron-H style hybrid LM.  ``model(tokens (b, L) int64) -> logits (b, L, vocab) float32``."""
+
+    def __init__(self, config: HybridConfig, *, mixers: Mapping[str, type[nn.Module]] = REFERENCE_MIXERS,
+                 init: bool = True):  # fmt: skip
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(HybridBlock(config, t, mixers) for t in config.layer_types)
+        self.final_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.output_layer = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if init:
+            self.reset_parameters()
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embedding.weight if self.output_layer is None else self.output_layer.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor of shape (batch, length); got {tuple(tokens.shape)} {tokens.dtype}")
+        hidden = self.embedding(tokens)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        hidden = self.final_norm(hidden)
+        return nn.functional.linear(hidden, self.output_weight()).float()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """NemotronH initialisation: N(0, init_std) linears and embedding, zero biases, unit norms,
+        A = 1..H, D = 1, dt log-uniform in [dt_min, dt_max] (floored) through inverse softplus, Mamba
+        out_proj kaiming-uniform scaled by 1/sqrt(num_layers)."""
+        c = self.config
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=c.init_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=c.init_std)
+            elif isinstance(module, nn.Conv1d):
+                module.reset_parameters()  # PyTorch default, as the reference leaves it
+            elif isinstance(module, (RMSNorm, GatedGroupRMSNorm)):
+                nn.init.ones_(module.weight)
+        for module in self.modules():
+            if isinstance(module, Mamba2Mixer):
+                h = module.num_heads
+                module.A_log.copy_(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
+                module.D.fill_(1.0)
+                log_lo, log_hi = math.log(c.mamba_dt_min), math.log(c.mamba_dt_max)
+                dt = torch.exp(torch.rand(h) * (log_hi - log_lo) + log_lo).clamp(min=c.mamba_dt_init_floor)
+                module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+                if c.rescale_prenorm_residual:
+                    nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+                    module.out_proj.weight.div_(math.sqrt(c.num_layers))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,141 @@
+"""Building blocks of the hybrid model: RMSNorm, gated grouped RMSNorm, Mamba-2 mixer, GQA attention
+without positional encoding, squared-ReLU MLP.
+
+Parameter names match Hugging Face NemotronH (``in_proj``, ``conv1d``, ``A_log``, ``q_proj``,
+``up_proj``...) so that conversion is a renaming of prefixes only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_elastic.model import kernels
+from megatron_elastic.model.config import HybridConfig
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+
+class GatedGroupRMSNorm(nn.Module):
+    """Mamba-2 output norm: RMSNorm(y * silu(z)) over groups of ``group_size`` channels, in fp32.
+
+    The gate is applied before normalising (mamba-ssm's ``norm_before_gate=False``).
+    """
+
+    def __init__(self, size: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y32 = y.float() * F.silu(z.float())
+        *lead, d = y32.shape
+        grouped = y32.view(*lead, d // self.group_size, self.group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.float() * grouped.view(*lead, d)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer: in_proj -> causal conv1d + SiLU over [x, B, C] -> SSD scan -> gated norm -> out_proj."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        c = config
+        self.num_heads = c.mamba_num_heads
+        self.head_dim = c.mamba_head_dim
+        self.num_groups = c.mamba_num_groups
+        self.state_dim = c.mamba_state_dim
+        self.d_inner = c.mamba_d_inner
+        self.conv_dim = c.mamba_conv_dim
+        self.chunk_size = c.mamba_chunk_size
+        self.dt_limit = tuple(c.mamba_dt_limit)
+        # in_proj -> [z, x, B, C, dt] = [d_inner, d_inner, G*N, G*N, H]
+        self.in_proj = nn.Linear(c.hidden_size, c.mamba_in_proj_dim, bias=c.mamba_proj_bias)
+        # depthwise conv over [x, B, C] = [d_inner, G*N, G*N]; weight (conv_dim, 1, kernel)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, c.mamba_conv_kernel, groups=self.conv_dim,
+            padding=c.mamba_conv_kernel - 1, bias=c.mamba_conv_bias,
+        )  # fmt: skip
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))  # (H,)
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))  # (H,)  A = -exp(A_log)
+        self.D = nn.Parameter(torch.ones(self.num_heads))  # (H,)
+        # Norm groups coincide with the B/C groups: group size d_inner / G.
+        self.norm = GatedGroupRMSNorm(self.d_inner, self.d_inner // self.num_groups, c.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, c.hidden_size, bias=c.mamba_proj_bias)
+
+    def forward(self, hidden_BLD: torch.Tensor) -> torch.Tensor:
+        b, L, _ = hidden_BLD.shape
+        backend = kernels.backend_for(hidden_BLD)
+        zxbcdt = self.in_proj(hidden_BLD)
+        z, xBC, dt_raw = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        xBC = kernels.causal_conv1d_silu(
+            xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, backend
+        ).transpose(1, 2)  # (b, L, conv_dim)
+        gn = self.num_groups * self.state_dim
+        x, B, C = xBC.split([self.d_inner, gn, gn], dim=-1)
+        y = kernels.ssd_scan(
+            x.reshape(b, L, self.num_heads, self.head_dim),
+            dt_raw,
+            -torch.exp(self.A_log.float()),
+            B.reshape(b, L, self.num_groups, self.state_dim),
+            C.reshape(b, L, self.num_groups, self.state_dim),
+            self.D,
+            self.dt_bias,
+            dt_limit=self.dt_limit,
+            chunk_size=self.chunk_size,
+            backend=backend,
+        )  # (b, L, H, P) fp32
+        y = self.norm(y.reshape(b, L, self.d_inner), z)
+        return self.out_proj(y.to(hidden_BLD.dtype))
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention, no positional encoding (order comes from the Mamba layers)."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_query_groups
+        self.head_dim = c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, hidden_BLD: torch.Tensor) -> torch.Tensor:
+        b, L, _ = hidden_BLD.shape
+        q = self.q_proj(hidden_BLD).view(b, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_BLD).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_BLD).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # query head j reads KV head j // (num_heads / num_kv_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # (b, heads, L, head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """down(relu(up(x))^2): squared-ReLU, no gate."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, hidden_BLD: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.square(F.relu(self.up_proj(hidden_BLD))))

@@ -1,0 +1,99 @@
+"""Atomic directory writes and safetensors reading with user-facing errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from megatron_elastic.errors import CheckpointError, UserError
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
+    """Yield a temporary directory next to ``dst``; on success fsync it and rename it to ``dst``.
+
+    A crash or exception leaves ``dst`` untouched (the temporary directory is removed on
+    exceptions; after a hard kill it remains as ``.<name>.tmp-*`` and is never read).
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise UserError(f"output directory {str(dst)!r} already exists; choose a new path or remove it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if dst.exists():
+            # Keep the old directory until the new one is in place.
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, dst)
+        fd = os.open(dst.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} is missing; point at a complete checkpoint directory")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{what} {str(path)!r} is not valid JSON ({exc}); the file is corrupt or truncated") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {str(path)!r} must hold a JSON object")
+    return data
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_safetensors(path: Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of one safetensors file; a truncated or corrupt file is a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} is missing; point at a complete checkpoint directory")
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"weights file {str(path)!r} cannot be read ({str(exc).splitlines()[0]}); it is truncated or "
+            "corrupt: copy it again or re-run the conversion"
+        ) from None
+    return out
