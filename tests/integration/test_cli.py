@@ -1,0 +1,228 @@
+"""The command line as a user runs it: real subprocesses of the installed console script.
+
+Every user error must print exactly one line on stderr, exit with code 2 and write nothing.
+"""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from reference import randomize_
+from transformers import NemotronHConfig, NemotronHForCausalLM
+
+from megatron_elastic.convert import load_native, save_native
+from megatron_elastic.model import HybridLM, preset
+from megatron_elastic.version import __version__
+
+
+def run(cli_exe, *args, cwd=None):
+    return subprocess.run([*cli_exe, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "model"
+    cfg = NemotronHConfig(
+        vocab_size=128, hidden_size=32, layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=4,
+        mamba_head_dim=8, n_groups=2, ssm_state_size=8, chunk_size=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    randomize_(NemotronHForCausalLM(cfg)).save_pretrained(path)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 4096}')
+    return path
+
+
+@pytest.fixture(scope="module")
+def native_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("native") / "model"
+    torch.manual_seed(0)
+    save_native(randomize_(HybridLM(preset("tiny"))), path)
+    return path
+
+
+def assert_user_error(result, needle, *unwritten):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("megatron-elastic: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    for path in unwritten:
+        assert not path.exists(), f"{path} was written"
+        assert not list(path.parent.glob(f".{path.name}.tmp-*")), "temporary directory left behind"
+
+
+def test_help_and_version(cli_exe):
+    r = run(cli_exe, "--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"megatron-elastic {__version__}"
+    r = run(cli_exe, "--help")
+    assert r.returncode == 0
+    for command in ("convert", "info", "demo"):
+        assert command in r.stdout
+    r = run(cli_exe, "convert", "from-hf", "--help")
+    assert r.returncode == 0 and "SRC" not in r.stderr and "--dtype" in r.stdout
+
+
+def test_round_trip_is_bit_identical(cli_exe, hf_dir, tmp_path):
+    r = run(cli_exe, "convert", "from-hf", str(hf_dir), str(tmp_path / "native"))
+    assert r.returncode == 0, r.stderr
+    assert "parameters" in r.stdout
+    r = run(cli_exe, "convert", "to-hf", str(tmp_path / "native"), str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "native" / "tokenizer_config.json").is_file()
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
+    from safetensors.torch import load_file
+
+    before, after = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    before = {k.replace("model.", "backbone.", 1): v for k, v in before.items()}  # either prefix is valid
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+def test_convert_casts_dtype(cli_exe, native_dir, tmp_path):
+    r = run(cli_exe, "convert", "to-hf", str(native_dir), str(tmp_path / "hf"), "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = NemotronHForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(model.lm_head.weight.float(), load_native(native_dir).output_layer.weight,
+                               rtol=1e-2, atol=1e-2)  # fmt: skip
+
+
+def test_info(cli_exe, native_dir, hf_dir):
+    r = run(cli_exe, "info", "tiny")
+    assert r.returncode == 0 and "854,472" in r.stdout
+    r = run(cli_exe, "info", str(native_dir), "--per-layer")
+    assert r.returncode == 0 and "layer   3 attention" in r.stdout
+    r = run(cli_exe, "info", str(hf_dir))
+    assert r.returncode == 0 and "pattern M-*-" in r.stdout
+
+
+# ---------------------------------------------------------------------- user errors
+def _hf_copy(hf_dir, tmp_path, **config_changes):
+    dst = tmp_path / "src"
+    shutil.copytree(hf_dir, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(config_changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_malformed_pattern(cli_exe, native_dir, hf_dir, tmp_path):
+    src = tmp_path / "native"
+    shutil.copytree(native_dir, src)
+    meta = json.loads((src / "megatron_elastic.json").read_text())
+    meta["model"]["pattern"] = "M-X*"
+    (src / "megatron_elastic.json").write_text(json.dumps(meta))
+    assert_user_error(run(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
+                      "unknown symbol 'X' at position 2", tmp_path / "out")  # fmt: skip
+    hf = _hf_copy(hf_dir, tmp_path, hybrid_override_pattern="M-?-")
+    cfg = json.loads((hf / "config.json").read_text())
+    del cfg["layers_block_type"]
+    (hf / "config.json").write_text(json.dumps(cfg))
+    assert_user_error(run(cli_exe, "convert", "from-hf", str(hf), str(tmp_path / "out2")),
+                      "symbols ['?'] are not supported", tmp_path / "out2")  # fmt: skip
+
+
+def test_mamba_heads_not_divisible_by_groups(cli_exe, hf_dir, tmp_path):
+    src = _hf_copy(hf_dir, tmp_path, mamba_num_heads=6, n_groups=4)
+    assert_user_error(run(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
+                      "mamba_num_heads=6 is not divisible by model.mamba_num_groups=4", tmp_path / "out")  # fmt: skip
+
+
+def test_query_heads_not_divisible_by_kv_heads(cli_exe, hf_dir, tmp_path):
+    src = _hf_copy(hf_dir, tmp_path, num_attention_heads=6, num_key_value_heads=4)
+    assert_user_error(run(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
+                      "num_attention_heads=6 is not divisible by model.num_query_groups=4", tmp_path / "out")  # fmt: skip
+
+
+def test_moe_layers_rejected(cli_exe, hf_dir, tmp_path):
+    src = _hf_copy(hf_dir, tmp_path, layers_block_type=["linear_attention", "moe", "full_attention", "mlp"])
+    assert_user_error(run(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
+                      "layer types ['moe'] are not supported", tmp_path / "out")  # fmt: skip
+
+
+def test_unsupported_activation_and_model_type(cli_exe, hf_dir, tmp_path):
+    src = _hf_copy(hf_dir, tmp_path, mlp_hidden_act="gelu")
+    assert_user_error(run(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
+                      "mlp_hidden_act='gelu' is not supported", tmp_path / "out")  # fmt: skip
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "llama"}')
+    assert_user_error(run(cli_exe, "convert", "from-hf", str(other), str(tmp_path / "out")),
+                      "model_type is 'llama', expected 'nemotron_h'", tmp_path / "out")  # fmt: skip
+
+
+def test_missing_checkpoint_files(cli_exe, hf_dir, native_dir, tmp_path):
+    src = _hf_copy(hf_dir, tmp_path)
+    (src / "model.safetensors").unlink()
+    assert_user_error(run(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
+                      "no model.safetensors", tmp_path / "out")  # fmt: skip
+    nat = tmp_path / "native"
+    shutil.copytree(native_dir, nat)
+    (nat / "model.safetensors").unlink()
+    assert_user_error(run(cli_exe, "convert", "to-hf", str(nat), str(tmp_path / "out")),
+                      "model.safetensors' is missing", tmp_path / "out")  # fmt: skip
+    assert_user_error(run(cli_exe, "convert", "to-hf", str(tmp_path / "nowhere"), str(tmp_path / "out")),
+                      "megatron_elastic.json' is missing", tmp_path / "out")  # fmt: skip
+
+
+@pytest.mark.parametrize("keep_fraction", [0.5, 0.001])
+def test_truncated_checkpoint(cli_exe, native_dir, tmp_path, keep_fraction):
+    src = tmp_path / "native"
+    shutil.copytree(native_dir, src)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(1, int(len(data) * keep_fraction))])
+    assert_user_error(run(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
+                      "truncated or corrupt", tmp_path / "out")  # fmt: skip
+
+
+def test_corrupt_metadata(cli_exe, native_dir, tmp_path):
+    src = tmp_path / "native"
+    shutil.copytree(native_dir, src)
+    text = (src / "megatron_elastic.json").read_text()
+    (src / "megatron_elastic.json").write_text(text[: len(text) // 2])
+    assert_user_error(run(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
+                      "is not valid JSON", tmp_path / "out")  # fmt: skip
+
+
+def test_weights_from_another_model(cli_exe, native_dir, tmp_path):
+    src = tmp_path / "native"
+    shutil.copytree(native_dir, src)
+    meta = json.loads((src / "megatron_elastic.json").read_text())
+    meta["model"]["ffn_hidden_size"] += 8
+    (src / "megatron_elastic.json").write_text(json.dumps(meta))
+    assert_user_error(run(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
+                      "the config and the weights come from different models", tmp_path / "out")  # fmt: skip
+
+
+def test_existing_output_is_not_touched(cli_exe, native_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = run(cli_exe, "convert", "to-hf", str(native_dir), str(out))
+    assert r.returncode == 2 and "already exists; choose a new path or pass --overwrite" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    r = run(cli_exe, "convert", "to-hf", str(native_dir), str(out), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_bad_arguments_exit_2(cli_exe):
+    r = run(cli_exe, "convert", "sideways")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = run(cli_exe, "info", "no-such-thing")
+    assert r.returncode == 2 and "neither a preset" in r.stderr
+
+
+def test_demo(cli_exe, tmp_path):
+    r = run(cli_exe, "demo", "--out", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "round trip native -> HF -> native bit-identical: True" in r.stdout
+    diff = float(r.stdout.split("max |logit diff| = ")[1].split()[0])
+    assert diff <= 1e-4
+    assert (tmp_path / "demo" / "parent-hf" / "config.json").is_file()
