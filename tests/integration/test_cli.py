@@ -226,3 +226,19 @@ def test_demo(cli_exe, tmp_path):
     diff = float(r.stdout.split("max |logit diff| = ")[1].split()[0])
     assert diff <= 1e-4
     assert (tmp_path / "demo" / "parent-hf" / "config.json").is_file()
+
+
+def test_tools_scripts(native_dir, tmp_path):
+    import sys
+
+    from megatron_elastic.model import num_parameters
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "tools" / "inspect_checkpoint.py"), str(native_dir)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"total parameters: {sum(num_parameters(preset('tiny')).values()):,}" in r.stdout
+    r = subprocess.run([sys.executable, str(root / "tools" / "convert_checkpoint.py"), "to-hf", str(native_dir),
+                        str(tmp_path / "hf")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()
