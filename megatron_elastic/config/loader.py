@@ -1,0 +1,172 @@
+"""YAML recipes with dotted command-line overrides -> a validated :class:`RunConfig`.
+
+``load_config("configs/tiny.yaml", ["train.lr=3e-4", "model.hidden_size=256"])``. Unknown keys are
+errors that suggest the nearest valid key; values are checked against the field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from pathlib import Path
+
+import yaml
+
+from megatron_elastic.config.schema import DataConfig, RunConfig, TrackingConfig, TrainConfig
+from megatron_elastic.errors import ConfigError
+from megatron_elastic.model.config import HybridConfig, preset
+
+SECTIONS = {"model": HybridConfig, "data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig}
+TOP_LEVEL = set(SECTIONS) | {"run_dir"}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _all_keys() -> list[str]:
+    keys = ["run_dir", "model.preset"]
+    for section, cls in SECTIONS.items():
+        keys += [f"{section}.{name}" for name in _fields(cls)]
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else "; see configs/tiny.yaml for the valid keys"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``'train.lr=3e-4'`` -> (['train', 'lr'], '3e-4' parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or any(not p for p in parts):
+        raise ConfigError(f"bad override {text!r}; write section.key=value, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _coerce(key: str, value, annotation):
+    """Check ``value`` against a field's type; YAML gives '3e-4' as a string and ints for floats."""
+    origin = typing.get_origin(annotation)
+    if annotation is float or annotation == "float":
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is invalid; it must be a number")
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is invalid; it must be a number") from None
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} is invalid; it must be a number")
+    if annotation is int or annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}={value!r} is invalid; it must be an integer")
+        return value
+    if annotation is bool or annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is invalid; it must be true or false")
+        return value
+    if annotation is str or annotation == "str":
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}={value!r} is invalid; it must be a string")
+        return str(value)
+    if origin in (list, tuple) or annotation in (list, tuple) or str(annotation).startswith(("list", "tuple")):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is invalid; it must be a list")
+        if "float" in str(annotation):
+            value = [math.inf if str(v).lower() in ("inf", ".inf") else _coerce(key, v, float) for v in value]
+        return list(value)
+    return value
+
+
+def _build(cls, data: dict, section: str, base: dict | None = None):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping of keys to values, got {data!r}")
+    fields = _fields(cls)
+    values = dict(base or {})
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown(f"{section}.{key}")
+        values[key] = _coerce(f"{section}.{key}", value, fields[key].type)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]  # fmt: skip
+        raise ConfigError(f"config section {section!r} lacks required key(s) {', '.join(missing) or exc}; "
+                          "add them or set model.preset") from None  # fmt: skip
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    raw = dict(raw or {})
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise _unknown(key)
+    model_raw = dict(raw.get("model") or {})
+    base = preset(str(model_raw.pop("preset"))).to_dict() if "preset" in model_raw else None
+    if base is None and not model_raw:
+        raise ConfigError("config has no model section; set model.preset (e.g. tiny) or give the model's fields")
+    cfg = RunConfig(
+        model=_build(HybridConfig, model_raw, "model", base),
+        data=_build(DataConfig, raw.get("data") or {}, "data"),
+        train=_build(TrainConfig, raw.get("train") or {}, "train"),
+        tracking=_build(TrackingConfig, raw.get("tracking") or {}, "tracking"),
+        run_dir=_coerce("run_dir", raw.get("run_dir", "runs/default"), str),
+    )
+    cfg.validate()
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+    for text in overrides:
+        parts, value = parse_override(text)
+        if len(parts) == 1:
+            if parts[0] not in TOP_LEVEL or parts[0] in SECTIONS:
+                raise _unknown(parts[0]) if parts[0] not in SECTIONS else ConfigError(
+                    f"bad override {text!r}; {parts[0]!r} is a section: write {parts[0]}.key=value")
+            raw[parts[0]] = value
+        elif len(parts) == 2 and parts[0] in SECTIONS:
+            section = raw.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"config section {parts[0]!r} must be a mapping")
+            section[parts[1]] = value
+        else:
+            raise _unknown(".".join(parts))
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or start empty), apply ``section.key=value`` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML recipe such as configs/tiny.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}; fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping with sections model/data/train/tracking")
+    return config_from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (loads back to an equal config)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,97 @@
+"""YAML recipes, dotted overrides and their errors."""
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_elastic.config import config_from_dict, dump_config, load_config, parse_override
+from megatron_elastic.errors import ConfigError
+from megatron_elastic.training.schedule import lr_at
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_recipes_load():
+    tiny = load_config(CONFIGS / "tiny.yaml")
+    assert tiny.model.pattern == "M-M*-M-" and tiny.train.global_batch_size == 16
+    big = load_config(CONFIGS / "nemotron-nano-12b-v2.yaml")
+    assert big.model.num_layers == 62 and big.model.hidden_size == 5120 and big.train.precision == "bf16"
+
+
+def test_overrides_and_types():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.lr=3e-4", "model.hidden_size=64", "tracking.backends=console,mlflow",
+                                              "run_dir=/tmp/x", "model.mamba_dt_limit=[0.001, inf]"])  # fmt: skip
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.model.hidden_size == 64 and cfg.model.ffn_hidden_size == 384  # preset value kept
+    assert cfg.tracking.backends == ["console", "mlflow"]
+    assert cfg.run_dir == "/tmp/x"
+    assert cfg.model.mamba_dt_limit == (0.001, math.inf)
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.max_steps=7"])
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+        ("trian.lr=1", "did you mean 'train.lr'?"),
+        ("model.hiden_size=3", "did you mean 'model.hidden_size'?"),
+        ("train.lr", "bad override 'train.lr'; write section.key=value"),
+        ("=3", "bad override"),
+        ("train..lr=3", "bad override"),
+        ("train=3", "'train' is a section"),
+        ("train.lr=abc", "train.lr='abc' is invalid; it must be a number"),
+        ("train.max_steps=2.5", "train.max_steps=2.5 is invalid; it must be an integer"),
+        ("train.global_batch_size=12", "not a multiple of train.micro_batch_size=8"),
+        ("train.precision=fp8", "use auto, fp32 or bf16"),
+        ("model.mamba_num_groups=3", "not divisible by model.mamba_num_groups=3"),
+        ("model.preset=huge", "unknown model preset 'huge'"),
+        ("data.tokenizer_vocab_size=1024", "exceeds model.vocab_size=512"),
+        ("tracking.backends=[wandb]", "use console and/or mlflow"),
+    ],
+)
+def test_bad_overrides(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model:\n  preset: tiny\n train: [\n")
+    with pytest.raises(ConfigError, match="is not valid YAML at line"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "nomodel.yaml").write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="no model section"):
+        load_config(tmp_path / "nomodel.yaml")
+    (tmp_path / "partial.yaml").write_text("model:\n  pattern: M-\n")
+    with pytest.raises(ConfigError, match="lacks required key"):
+        load_config(tmp_path / "partial.yaml")
+
+
+def test_parse_override_yaml_values():
+    assert parse_override("a.b=true") == (["a", "b"], True)
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+
+
+def test_lr_schedule():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert lr_at(500, **kw) == pytest.approx(0.1)
+    values = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
