@@ -22,13 +22,18 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub>=0.24",
         "transformers>=5.0,<6",
+        "tokenizers>=0.20",
+        # Megatron indexed datasets (written with megatron-core's own builder); 0.16.x is the line
+        # that installs on Python 3.11.
+        "megatron-core>=0.16.1,<0.17",
         "numpy>=1.24",
         "pyyaml>=6.0",
     ],
     extras_require={
         # CUDA-only kernels; install with --no-build-isolation on a machine with CUDA and torch.
         "gpu": ["mamba-ssm>=2.2", "causal-conv1d>=1.4", "transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8", "transformers==5.24.0"],
+        "mlflow": ["mlflow>=3.0,<4"],
+        "test": ["pytest>=8", "transformers==5.24.0", "mlflow==3.17.2"],
     },
     entry_points={"console_scripts": ["megatron-elastic=megatron_elastic.cli:main"]},
 )
