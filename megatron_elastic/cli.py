@@ -81,6 +81,28 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    from megatron_elastic.config import load_config
+
+    overrides = list(args.overrides)
+    if args.tracking_uri:
+        overrides.append(f"tracking.mlflow_uri={args.tracking_uri}")
+        overrides.append("tracking.backends=console,mlflow")
+    cfg = load_config(args.config, overrides)
+
+    from megatron_elastic.training.data_setup import build_training_data
+    from megatron_elastic.training.trainer import Trainer
+
+    data = build_training_data(cfg)  # every input checked before the model is built
+    result = Trainer(cfg, data).fit()
+    if result.exit_code == 0 and result.val_loss is not None:
+        base = data.unigram_baseline
+        print(f"[train] final validation loss {result.val_loss:.4f} nats/token"
+              + (f" (unigram baseline {base:.4f})" if base is not None else ""), flush=True)  # fmt: skip
+    return result.exit_code
+
+
 # ---------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from megatron_elastic.demo import run_demo
@@ -116,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("target", help="preset name (tiny, nemotron-nano-12b-v2) or model directory")
     info.add_argument("--per-layer", action="store_true", help="one row per layer")
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train", help="train a parent model from a YAML recipe (resumes an existing run_dir)")
+    train.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
+    train.add_argument("--tracking-uri", default="", help="MLflow tracking URI (enables the mlflow backend)")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.lr=3e-4")
+    train.set_defaults(func=cmd_train)
+
+    from megatron_elastic.data.preprocess import add_data_subcommands
+
+    add_data_subcommands(sub)
 
     demo = sub.add_parser("demo", help="run the pipeline demo on the built-in tiny model (CPU, minutes)")
     demo.add_argument("--out", default="runs/demo", help="output directory (replaced if it exists)")

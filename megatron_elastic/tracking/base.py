@@ -1,0 +1,76 @@
+"""The tracker interface and the fan-out to several backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+class Tracker:
+    """What the trainer reports. Backends override what they support; all calls are cheap."""
+
+    def start(self, *, run_dir: Path, config: dict, resumed: bool, total_steps: int, start_step: int) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MultiTracker(Tracker):
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def start(self, **kw) -> None:
+        for t in self.trackers:
+            t.start(**kw)
+
+    def log_metrics(self, metrics, step) -> None:
+        for t in self.trackers:
+            t.log_metrics(metrics, step)
+
+    def log_artifact(self, path) -> None:
+        for t in self.trackers:
+            t.log_artifact(path)
+
+    def message(self, text) -> None:
+        for t in self.trackers:
+            t.message(text)
+
+    def finish(self, status="FINISHED") -> None:
+        for t in self.trackers:
+            t.finish(status)
+
+
+def build_trackers(cfg) -> MultiTracker:
+    """Trackers named in ``cfg.tracking.backends`` (a RunConfig)."""
+    trackers: list[Tracker] = []
+    for name in cfg.tracking.backends:
+        if name == "console":
+            from megatron_elastic.tracking.console import ConsoleTracker
+
+            trackers.append(ConsoleTracker())
+        elif name == "mlflow":
+            from megatron_elastic.tracking.mlflow_backend import MLflowTracker
+
+            trackers.append(MLflowTracker(cfg.tracking))
+    return MultiTracker(trackers)

@@ -1,0 +1,143 @@
+"""Training checkpoints: atomic, complete, and exactly resumable.
+
+Layout (under ``RUN_DIR/checkpoints``)::
+
+    step_00000100/
+      megatron_elastic.json, model.safetensors   the model as a native directory (load_pretrained reads it)
+      optimizer.pt        optimizer state (AdamW moments and step counts)
+      trainer_state.json  step, consumed samples, data-loader position, metrics-file offset
+      rng.pt              Python, NumPy, torch CPU (and CUDA) generator states
+      config.yaml         the fully resolved run config
+    latest                the name of the newest complete checkpoint (replaced atomically)
+
+Each ``step_*`` directory is written to a temporary sibling, fsynced and renamed; ``latest`` is
+updated only after that, and older checkpoints beyond ``keep_last`` are deleted only after it.
+A run killed at any instant therefore resumes from a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_elastic.convert.native import WEIGHTS_FILE, load_state_into, read_native_config
+from megatron_elastic.errors import CheckpointError
+from megatron_elastic.utils.io import atomic_directory, load_safetensors, read_json, write_json
+
+LATEST = "latest"
+FILES = ("megatron_elastic.json", WEIGHTS_FILE, "optimizer.pt", "trainer_state.json", "rng.pt", "config.yaml")
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_pointer(ckpt_root: Path, name: str) -> None:
+    tmp = ckpt_root / f".{LATEST}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_root / LATEST)
+    fd = os.open(ckpt_root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt_root: Path, *, step: int, model, optimizer, trainer_state: dict, config_yaml: str,
+                    keep_last: int) -> Path:  # fmt: skip
+    from safetensors.torch import save_file
+
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    dst = ckpt_root / step_dirname(step)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_directory(dst, overwrite=True) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / "megatron_elastic.json", {
+            "format": "megatron-elastic-model", "format_version": 1, "model": model.config.to_dict(),
+            "num_parameters": model.num_parameters(), "dtype": "float32",
+        })  # fmt: skip
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        write_json(tmp / "trainer_state.json", trainer_state)
+        (tmp / "config.yaml").write_text(config_yaml)
+    _write_pointer(ckpt_root, dst.name)
+    # Prune only after the new checkpoint is complete and pointed to.
+    existing = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in existing[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".step_*.tmp-*"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    return dst
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint, or None when the run has none yet."""
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = ckpt_root / name
+    if not name.startswith("step_") or not path.is_dir():
+        raise CheckpointError(
+            f"{str(pointer)!r} names {name!r}, which is not a checkpoint directory; the run directory is "
+            "damaged: fix the pointer to an existing step_* directory or start a new run_dir"
+        )
+    return path
+
+
+def load_checkpoint(path: Path, *, model, optimizer) -> tuple[dict, dict]:
+    """Restore model and optimizer in place; returns (trainer_state, rng_state). Validates first."""
+    for name in FILES:
+        if not (path / name).is_file():
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} lacks {name}; it is incomplete or corrupt: remove it and point "
+                f"{LATEST!r} at an older step_* directory, or start a new run_dir"
+            )
+    saved = read_native_config(path)
+    if saved.to_dict() != model.config.to_dict():
+        diffs = [f"{k}: checkpoint {v!r} vs config {model.config.to_dict()[k]!r}"
+                 for k, v in saved.to_dict().items() if model.config.to_dict()[k] != v]  # fmt: skip
+        raise CheckpointError(
+            f"cannot resume {str(path)!r} into a different model shape ({'; '.join(diffs[:3])}); "
+            "use the checkpoint's model config or a new run_dir"
+        )
+    trainer_state = read_json(path / "trainer_state.json", "trainer state")
+    state = load_safetensors(path / WEIGHTS_FILE, dtype=torch.float32)
+    load_state_into(model, state, str(path))
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has an unreadable optimizer or RNG file ({str(exc).splitlines()[0]}); "
+            "it is truncated or corrupt: resume from an older step_* directory or start a new run_dir"
+        ) from None
+    return trainer_state, rng
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text())

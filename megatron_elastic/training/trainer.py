@@ -1,0 +1,240 @@
+"""The training loop: AdamW, warmup + cosine LR, gradient accumulation and clipping, periodic
+validation and checkpoints, exact resume, graceful stop on signals.
+
+Single process today. The pieces a distributed run changes are isolated: the data loader takes a
+data-parallel rank and world size, gradients pass through :meth:`Trainer.reduce_gradients`, and only
+rank 0 writes checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megatron_elastic.config import RunConfig, dump_config
+from megatron_elastic.model import HybridLM
+from megatron_elastic.tracking import MultiTracker, build_trackers
+from megatron_elastic.training import checkpoint as ckpt
+from megatron_elastic.training.schedule import lr_at
+from megatron_elastic.training.signals import EXIT_REQUEUE, StopFlag
+
+METRICS_FILE = "metrics.jsonl"
+# Parameters that get no weight decay: gains, biases and the SSM's per-head scalars.
+_NO_DECAY = ("norm.weight", ".bias", "A_log", ".D", "dt_bias")
+
+
+@dataclass
+class TrainResult:
+    exit_code: int
+    step: int
+    last_loss: float | None
+    val_loss: float | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from megatron_elastic.errors import ConfigError
+
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith(_NO_DECAY) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=False: the per-parameter loop gives bit-identical results across runs and resumes.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             foreach=False)  # fmt: skip
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, data, *, tracker: MultiTracker | None = None,
+                 dp_rank: int = 0, dp_world_size: int = 1):  # fmt: skip
+        """``data`` provides ``train_loader`` (an iterator of micro-batches with state_dict/load_state_dict),
+        ``valid_batches(n)`` (an iterable of the first n validation micro-batches) and
+        ``unigram_baseline`` (nats/token, or None)."""
+        self.cfg = cfg
+        self.data = data
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.device = resolve_device(cfg.train.device)
+        tc = cfg.train
+        self.grad_accum = tc.global_batch_size // (tc.micro_batch_size * dp_world_size)
+        torch.manual_seed(tc.seed)
+        self.model = HybridLM(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.tracker = tracker if tracker is not None else build_trackers(cfg)
+        use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.step = 0
+        self.consumed_samples = 0
+        self.resumed_from: Path | None = None
+        self.last_val_loss: float | None = None
+
+    # ------------------------------------------------------------------ resume
+    def maybe_resume(self) -> bool:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is None:
+            return False
+        state, rng = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer)
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.data.train_loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(rng)
+        self._truncate_metrics(self.step)
+        self.resumed_from = latest
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric records written after the checkpoint we resume from (they will be redone)."""
+        path = self.run_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if rec.get("step", 0) <= step:
+                kept.append(line)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.replace(path)
+
+    # ------------------------------------------------------------------ pieces
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def reduce_gradients(self) -> None:
+        """Average gradients over data-parallel ranks (identity in a single process)."""
+
+    def _write_metrics(self, record: dict) -> None:
+        if self.dp_rank != 0:
+            return
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self) -> Path | None:
+        if self.dp_rank != 0:
+            return None
+        state = {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "loader": self.data.train_loader.state_dict(),
+        }
+        return ckpt.save_checkpoint(self.ckpt_root, step=self.step, model=self.model, optimizer=self.optimizer,
+                                    trainer_state=state, config_yaml=dump_config(self.cfg),
+                                    keep_last=self.cfg.train.keep_last)  # fmt: skip
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for tokens, labels in self.data.valid_batches(self.cfg.train.eval_batches):
+            tokens, labels = tokens.to(self.device), labels.to(self.device)
+            with self._autocast():
+                logits = self.model(tokens)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
+            count += labels.numel()
+        self.model.train()
+        return total / max(1, count)
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches. Returns (loss, grad_norm, lr)."""
+        tc = self.cfg.train
+        lr = lr_at(self.step, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum):
+            tokens, labels = next(self.data.train_loader)
+            tokens, labels = tokens.to(self.device), labels.to(self.device)
+            with self._autocast():
+                logits = self.model(tokens)
+            loss = lm_loss(logits, labels)
+            (loss / self.grad_accum).backward()
+            loss_sum += loss.detach()
+        self.reduce_gradients()
+        if tc.clip_grad > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.consumed_samples += tc.global_batch_size
+        return (loss_sum / self.grad_accum).item(), float(grad_norm), lr
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        tc = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.maybe_resume()
+        config_path = self.run_dir / "config.yaml"
+        config_path.write_text(dump_config(self.cfg))
+        self.tracker.start(run_dir=self.run_dir, config=self.cfg.to_dict(), resumed=resumed,
+                           total_steps=tc.max_steps, start_step=self.step)  # fmt: skip
+        if not resumed:
+            self.tracker.log_artifact(config_path)
+        baseline = self.data.unigram_baseline
+        if baseline is not None and not resumed:
+            self.tracker.message(f"[data] unigram baseline (context-free model) = {baseline:.4f} nats/token")
+        stop = StopFlag().install()
+        self.model.train()
+        last_loss = None
+        tokens_per_step = tc.global_batch_size * self.cfg.data.seq_len
+        t_last, steps_since = time.perf_counter(), 0
+        try:
+            while self.step < tc.max_steps:
+                loss, grad_norm, lr = self.train_step()
+                last_loss = loss
+                steps_since += 1
+                if not math.isfinite(loss):
+                    self.tracker.message(f"[train] loss became {loss} at step {self.step}; stopping")
+                    self.tracker.finish("FAILED")
+                    return TrainResult(1, self.step, loss, self.last_val_loss)
+                record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+                self._write_metrics(record)
+                if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+                    now = time.perf_counter()
+                    record["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+                    t_last, steps_since = now, 0
+                    self.tracker.log_metrics(dict(record), self.step)
+                if (tc.eval_interval and self.step % tc.eval_interval == 0) or self.step == tc.max_steps:
+                    self.last_val_loss = self.evaluate()
+                    val = {"step": self.step, "val_loss": self.last_val_loss}
+                    if baseline is not None:
+                        val["val_unigram_baseline"] = baseline
+                    self._write_metrics(val)
+                    self.tracker.log_metrics({k: v for k, v in val.items() if k != "step"}, self.step)
+                if (tc.save_interval and self.step % tc.save_interval == 0) or self.step == tc.max_steps:
+                    self.save()
+                if stop.requested:
+                    path = self.save()
+                    self.tracker.message(f"[train] signal {stop.signum}: checkpointed step {self.step} to "
+                                         f"{path}; exiting with code {EXIT_REQUEUE} (resume by re-running)")  # fmt: skip
+                    self.tracker.finish("KILLED")
+                    return TrainResult(EXIT_REQUEUE, self.step, last_loss, self.last_val_loss)
+        finally:
+            stop.uninstall()
+        self.tracker.finish("FINISHED")
+        return TrainResult(0, self.step, last_loss, self.last_val_loss)
