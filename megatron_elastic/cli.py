@@ -91,9 +91,13 @@ def cmd_train(args) -> int:
         overrides.append("tracking.backends=console,mlflow")
     cfg = load_config(args.config, overrides)
 
+    from megatron_elastic.training import checkpoint
     from megatron_elastic.training.data_setup import build_training_data
     from megatron_elastic.training.trainer import Trainer
 
+    latest = checkpoint.latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    if latest is not None:  # a run to resume: check it before preparing data or building anything
+        checkpoint.validate_checkpoint(latest, cfg.model)
     data = build_training_data(cfg)  # every input checked before the model is built
     result = Trainer(cfg, data).fit()
     if result.exit_code == 0 and result.val_loss is not None:

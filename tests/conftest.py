@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli_exe() -> list[str]:
     """The installed console script, run as a real subprocess."""
     exe = Path(sys.executable).parent / "megatron-elastic"

@@ -42,7 +42,7 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per training sample (samples are packed windows of the concatenated documents)."""
     builtin_max_mb: float = 4.0
-    """Cap on the built-in corpus's training text, in MB (validation is capped at a tenth of it)."""
+    """Cap on each split of the built-in corpus, in MB (the whole standard library is ~9 MB)."""
     cache_dir: str = ""
     """Where the built-in tokenizer and datasets are cached; empty = RUN_DIR/cache."""
 

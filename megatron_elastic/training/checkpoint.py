@@ -109,22 +109,27 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, *, model, optimizer) -> tuple[dict, dict]:
-    """Restore model and optimizer in place; returns (trainer_state, rng_state). Validates first."""
+def validate_checkpoint(path: Path, model_config) -> None:
+    """Cheap checks before any compute: every file present, metadata readable, same model shape."""
     for name in FILES:
         if not (path / name).is_file():
             raise CheckpointError(
                 f"checkpoint {str(path)!r} lacks {name}; it is incomplete or corrupt: remove it and point "
                 f"{LATEST!r} at an older step_* directory, or start a new run_dir"
             )
-    saved = read_native_config(path)
-    if saved.to_dict() != model.config.to_dict():
-        diffs = [f"{k}: checkpoint {v!r} vs config {model.config.to_dict()[k]!r}"
-                 for k, v in saved.to_dict().items() if model.config.to_dict()[k] != v]  # fmt: skip
+    saved, current = read_native_config(path).to_dict(), model_config.to_dict()
+    if saved != current:
+        diffs = [f"{k}: checkpoint {v!r} vs config {current[k]!r}" for k, v in saved.items() if current[k] != v]
         raise CheckpointError(
             f"cannot resume {str(path)!r} into a different model shape ({'; '.join(diffs[:3])}); "
             "use the checkpoint's model config or a new run_dir"
         )
+    read_json(path / "trainer_state.json", "trainer state")
+
+
+def load_checkpoint(path: Path, *, model, optimizer) -> tuple[dict, dict]:
+    """Restore model and optimizer in place; returns (trainer_state, rng_state). Validates first."""
+    validate_checkpoint(path, model.config)
     trainer_state = read_json(path / "trainer_state.json", "trainer state")
     state = load_safetensors(path / WEIGHTS_FILE, dtype=torch.float32)
     load_state_into(model, state, str(path))
