@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     from megatron_elastic.demo import run_demo
 
-    return run_demo(Path(args.out), seed=args.seed)
+    return run_demo(Path(args.out), seed=args.seed, overrides=args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the pipeline demo on the built-in tiny model (CPU, minutes)")
     demo.add_argument("--out", default="runs/demo", help="output directory (replaced if it exists)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of configs/tiny.yaml")
     demo.set_defaults(func=cmd_demo)
     return parser
 

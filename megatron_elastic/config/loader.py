@@ -149,11 +149,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A YAML path as given, or the name of a recipe in the repository's configs/ ('tiny')."""
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    return candidate if candidate.is_file() else path
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML recipe (or start empty), apply ``section.key=value`` overrides, validate."""
+    """Read a YAML recipe (a path, or a recipe name such as 'tiny'), apply ``section.key=value``
+    overrides, validate."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_recipe(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML recipe such as configs/tiny.yaml")
         try:

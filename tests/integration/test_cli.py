@@ -220,12 +220,16 @@ def test_bad_arguments_exit_2(cli_exe):
 
 
 def test_demo(cli_exe, tmp_path):
-    r = run(cli_exe, "demo", "--out", str(tmp_path / "demo"))
+    r = run(cli_exe, "demo", "--out", str(tmp_path / "demo"), "train.max_steps=30", "data.seq_len=64",
+            "data.builtin_max_mb=0.5", "train.eval_interval=0", "train.save_interval=0")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "round trip native -> HF -> native bit-identical: True" in r.stdout
     diff = float(r.stdout.split("max |logit diff| = ")[1].split()[0])
     assert diff <= 1e-4
     assert (tmp_path / "demo" / "parent-hf" / "config.json").is_file()
+    val, base = r.stdout.split("validation loss ")[1].split(" nats/token vs unigram baseline ")
+    assert float(val) < float(base.split()[0])
+    assert "demo passed" in r.stdout
 
 
 def test_tools_scripts(native_dir, tmp_path):
