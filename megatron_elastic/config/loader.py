@@ -56,6 +56,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
 def _coerce(key: str, value, annotation):
     """Check ``value`` against a field's type; YAML gives '3e-4' as a string and ints for floats."""
     origin = typing.get_origin(annotation)
+    if value is None and "None" in str(annotation):
+        return None
     if annotation is float or annotation == "float":
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is invalid; it must be a number")

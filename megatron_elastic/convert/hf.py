@@ -125,6 +125,11 @@ def config_from_hf(hf: dict, *, src: str = "config.json") -> HybridConfig:
 def config_to_hf(config: HybridConfig, *, torch_dtype: str = "float32") -> dict:
     """A ``nemotron_h`` config.json dict for ``config`` (transformers 4.x/5.x and vLLM read it)."""
     c = config
+    if c.is_heterogeneous:
+        raise CheckpointError(
+            "a heterogeneous model (per-layer sizes) cannot be expressed in nemotron_h, whose config has one "
+            "size per layer type; export it in the native format (--format native)"
+        )
     lo, hi = c.mamba_dt_limit
     if lo != c.mamba_dt_min or not math.isinf(hi):
         raise CheckpointError(

@@ -61,6 +61,41 @@ def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
     return layers, stages
 
 
+_PER_LAYER_FIELDS = {
+    "ffn_hidden_size_per_layer": MLP,
+    "num_attention_heads_per_layer": ATTENTION,
+    "mamba_num_heads_per_layer": MAMBA,
+    "mamba_head_dim_per_layer": MAMBA,
+}
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """The sizes one layer is built with (see :meth:`HybridConfig.layer_dims`)."""
+
+    kind: str
+    ffn_hidden_size: int
+    num_attention_heads: int
+    mamba_num_heads: int
+    mamba_head_dim: int
+    mamba_num_groups: int
+    mamba_state_dim: int
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        # conv1d covers [x, B, C] = [d_inner, G*N, G*N]
+        return self.mamba_d_inner + 2 * self.mamba_num_groups * self.mamba_state_dim
+
+    @property
+    def mamba_in_proj_dim(self) -> int:
+        # in_proj -> [z, x, B, C, dt] = [d_inner, d_inner, G*N, G*N, H]
+        return 2 * self.mamba_d_inner + 2 * self.mamba_num_groups * self.mamba_state_dim + self.mamba_num_heads
+
+
 @dataclass(kw_only=True)
 class HybridConfig:
     """Shape and numerics of a Nemotron-H style hybrid Mamba-2 / attention / MLP language model."""
@@ -113,6 +148,14 @@ class HybridConfig:
     """Initialise Mamba out_proj with kaiming-uniform / sqrt(num_layers), as NemotronH does."""
     tie_embeddings: bool = False
     """Share the embedding matrix with the output layer."""
+    ffn_hidden_size_per_layer: list[int] | None = None
+    """Heterogeneous models: one FFN size per MLP ('-') layer, in pattern order (else ffn_hidden_size)."""
+    num_attention_heads_per_layer: list[int] | None = None
+    """Heterogeneous models: query heads per attention ('*') layer, in pattern order."""
+    mamba_num_heads_per_layer: list[int] | None = None
+    """Heterogeneous models: Mamba heads per Mamba ('M') layer, in pattern order."""
+    mamba_head_dim_per_layer: list[int] | None = None
+    """Heterogeneous models: Mamba head_dim per Mamba ('M') layer, in pattern order."""
     _layers: list[str] = field(init=False, repr=False, compare=False)
     _stages: list[int] = field(init=False, repr=False, compare=False)
 
@@ -152,6 +195,32 @@ class HybridConfig:
                 f"model.mamba_dt_min={self.mamba_dt_min} exceeds model.mamba_dt_max={self.mamba_dt_max}; "
                 "swap them"
             )
+        for name, symbol in _PER_LAYER_FIELDS.items():
+            values = getattr(self, name)
+            if values is None:
+                continue
+            count = self._layers.count(symbol)
+            if not isinstance(values, (list, tuple)) or len(values) != count:
+                raise ConfigError(
+                    f"model.{name} has {len(values) if isinstance(values, (list, tuple)) else values!r} "
+                    f"entries but the pattern has {count} {LAYER_NAMES[symbol]} layers; give one per layer"
+                )
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise ConfigError(f"model.{name} contains {v!r}; every entry must be a positive integer")
+            setattr(self, name, list(values))
+        for i in range(len(self._layers)):
+            dims = self.layer_dims(i)
+            if dims.kind == MAMBA and dims.mamba_num_heads % self.mamba_num_groups:
+                raise ConfigError(
+                    f"layer {i}: {dims.mamba_num_heads} Mamba heads are not divisible by "
+                    f"model.mamba_num_groups={self.mamba_num_groups}; keep the same number of heads in every group"
+                )
+            if dims.kind == ATTENTION and dims.num_attention_heads % self.num_query_groups:
+                raise ConfigError(
+                    f"layer {i}: {dims.num_attention_heads} query heads are not divisible by "
+                    f"model.num_query_groups={self.num_query_groups}; keep the same number per KV group"
+                )
         lo, hi = self.mamba_dt_limit if len(self.mamba_dt_limit) == 2 else (None, None)
         if lo is None or not (0.0 <= lo < hi):
             raise ConfigError(
@@ -175,6 +244,30 @@ class HybridConfig:
         return len(self._layers)
 
     @property
+    def is_heterogeneous(self) -> bool:
+        """True when some layer has its own size (the per-layer lists are set)."""
+        return any(getattr(self, name) is not None for name in _PER_LAYER_FIELDS)
+
+    def layer_dims(self, index: int) -> "LayerDims":
+        """The sizes of layer ``index`` (per-layer lists override the model-wide sizes)."""
+        kind = self._layers[index]
+        nth = self._layers[:index].count(kind)
+
+        def pick(name: str, default: int) -> int:
+            values = getattr(self, name)
+            return values[nth] if values is not None and _PER_LAYER_FIELDS[name] == kind else default
+
+        return LayerDims(
+            kind=kind,
+            ffn_hidden_size=pick("ffn_hidden_size_per_layer", self.ffn_hidden_size),
+            num_attention_heads=pick("num_attention_heads_per_layer", self.num_attention_heads),
+            mamba_num_heads=pick("mamba_num_heads_per_layer", self.mamba_num_heads),
+            mamba_head_dim=pick("mamba_head_dim_per_layer", self.mamba_head_dim),
+            mamba_num_groups=self.mamba_num_groups,
+            mamba_state_dim=self.mamba_state_dim,
+        )
+
+    @property
     def mamba_d_inner(self) -> int:
         return self.mamba_num_heads * self.mamba_head_dim
 
@@ -192,6 +285,11 @@ class HybridConfig:
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         out["mamba_dt_limit"] = list(self.mamba_dt_limit)
+        for name in _PER_LAYER_FIELDS:  # omitted when unset, so homogeneous configs stay short
+            if out[name] is None:
+                del out[name]
+            else:
+                out[name] = list(out[name])
         return out
 
     @classmethod
@@ -221,19 +319,20 @@ def num_parameters(config: HybridConfig) -> dict[str, int]:
     d = c.hidden_size
     counts = {"embedding": c.vocab_size * d}
     for i, kind in enumerate(c.layer_types):
+        L = c.layer_dims(i)
         n = d  # pre-norm weight
         if kind == MAMBA:
-            n += d * c.mamba_in_proj_dim + (c.mamba_in_proj_dim if c.mamba_proj_bias else 0)
-            n += c.mamba_conv_dim * c.mamba_conv_kernel + (c.mamba_conv_dim if c.mamba_conv_bias else 0)
-            n += 3 * c.mamba_num_heads  # dt_bias, A_log, D
-            n += c.mamba_d_inner  # gated norm weight
-            n += c.mamba_d_inner * d + (d if c.mamba_proj_bias else 0)
+            n += d * L.mamba_in_proj_dim + (L.mamba_in_proj_dim if c.mamba_proj_bias else 0)
+            n += L.mamba_conv_dim * c.mamba_conv_kernel + (L.mamba_conv_dim if c.mamba_conv_bias else 0)
+            n += 3 * L.mamba_num_heads  # dt_bias, A_log, D
+            n += L.mamba_d_inner  # gated norm weight
+            n += L.mamba_d_inner * d + (d if c.mamba_proj_bias else 0)
         elif kind == ATTENTION:
-            q = c.num_attention_heads * c.head_dim
+            q = L.num_attention_heads * c.head_dim
             kv = c.num_query_groups * c.head_dim
             n += d * (q + 2 * kv) + q * d
         else:
-            f = c.ffn_hidden_size
+            f = L.ffn_hidden_size
             n += 2 * d * f + ((f + d) if c.mlp_bias else 0)
         counts[f"layer{i}"] = n
     counts["final_norm"] = d

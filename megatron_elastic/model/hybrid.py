@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 from megatron_elastic.model.layers import MLP as MLPMixer
 from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mixer, RMSNorm
 
@@ -22,14 +23,24 @@ REFERENCE_MIXERS: Mapping[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION
 class HybridBlock(nn.Module):
     """x + mixer(RMSNorm(x))."""
 
-    def __init__(self, config: HybridConfig, layer_type: str, mixers: Mapping[str, type[nn.Module]]):
+    def __init__(self, config: HybridConfig, index: int, mixers: Mapping[str, type[nn.Module]]):
         super().__init__()
-        self.layer_type = layer_type
+        dims = config.layer_dims(index)
+        self.layer_type = dims.kind
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mixer = mixers[layer_type](config)
+        self.mixer = mixers[dims.kind](config, dims)
 
-    def forward(self, hidden_BLD: torch.Tensor) -> torch.Tensor:
-        return hidden_BLD + self.mixer(self.norm(hidden_BLD))
+    def forward(self, hidden_BLD: torch.Tensor, hidden_mask: torch.Tensor | None = None,
+                mask: LayerMask | None = None) -> torch.Tensor:  # fmt: skip
+        keep = 1.0 if mask is None else mask.keep
+        if not torch.is_tensor(keep) and keep == 0:
+            return hidden_BLD  # a skipped layer is the identity
+        out = self.mixer(self.norm(hidden_BLD, hidden_mask), mask)
+        if hidden_mask is not None:  # keep dropped residual channels at exactly zero
+            out = out * hidden_mask.to(out.dtype)
+        if torch.is_tensor(keep) or keep != 1:
+            out = out * keep
+        return hidden_BLD + out
 
     def extra_repr(self) -> str:
         return f"type={LAYER_NAMES[self.layer_type]}"
@@ -43,7 +54,7 @@ class HybridLM(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(HybridBlock(config, t, mixers) for t in config.layer_types)
+        self.layers = nn.ModuleList(HybridBlock(config, i, mixers) for i in range(config.num_layers))
         self.final_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.output_layer = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if init:
@@ -52,13 +63,20 @@ class HybridLM(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embedding.weight if self.output_layer is None else self.output_layer.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, elastic: ElasticState | None = None) -> torch.Tensor:
+        """Logits of ``tokens``; with ``elastic`` the masks of that state are applied (see
+        :mod:`megatron_elastic.model.elastic_state`)."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor of shape (batch, length); got {tuple(tokens.shape)} {tokens.dtype}")
+        hidden_mask = None if elastic is None else elastic.hidden
+        if elastic is not None and elastic.layers and len(elastic.layers) != len(self.layers):
+            raise ValueError(f"elastic state has {len(elastic.layers)} layer masks for {len(self.layers)} layers")
         hidden = self.embedding(tokens)
-        for layer in self.layers:
-            hidden = layer(hidden)
-        hidden = self.final_norm(hidden)
+        if hidden_mask is not None:
+            hidden = hidden * hidden_mask.to(hidden.dtype)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, hidden_mask, None if elastic is None else elastic.layer(i))
+        hidden = self.final_norm(hidden, hidden_mask)
         return nn.functional.linear(hidden, self.output_weight()).float()
 
     @torch.no_grad()

@@ -12,21 +12,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_elastic.model import kernels
-from megatron_elastic.model.config import HybridConfig
+from megatron_elastic.model.config import HybridConfig, LayerDims
+from megatron_elastic.model.elastic_state import LayerMask
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32."""
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32.
+
+    With a channel mask ``m`` the mean runs over the kept channels only, sum(m x^2) / sum(m), and
+    the output is masked: a masked norm equals the norm of the sliced vector.
+    """
 
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)
+        if mask is None:
+            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (self.weight.float() * x32).to(x.dtype)
+        m = mask.float()
+        var = (x32.pow(2) * m).sum(-1, keepdim=True) / m.sum()
+        return (self.weight.float() * x32 * torch.rsqrt(var + self.eps) * m).to(x.dtype)
 
 
 class GatedGroupRMSNorm(nn.Module):
@@ -41,30 +50,37 @@ class GatedGroupRMSNorm(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (d,): kept channels; each group's mean then runs over its kept channels only."""
         y32 = y.float() * F.silu(z.float())
         *lead, d = y32.shape
-        grouped = y32.view(*lead, d // self.group_size, self.group_size)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        groups = d // self.group_size
+        grouped = y32.view(*lead, groups, self.group_size)
+        if mask is None:
+            grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight.float() * grouped.view(*lead, d)
+        m = mask.float().view(groups, self.group_size)
+        var = (grouped.pow(2) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
+        grouped = grouped * torch.rsqrt(var + self.eps) * m
         return self.weight.float() * grouped.view(*lead, d)
 
 
 class Mamba2Mixer(nn.Module):
     """Mamba-2 mixer: in_proj -> causal conv1d + SiLU over [x, B, C] -> SSD scan -> gated norm -> out_proj."""
 
-    def __init__(self, config: HybridConfig):
+    def __init__(self, config: HybridConfig, dims: LayerDims):
         super().__init__()
         c = config
-        self.num_heads = c.mamba_num_heads
-        self.head_dim = c.mamba_head_dim
+        self.num_heads = dims.mamba_num_heads
+        self.head_dim = dims.mamba_head_dim
         self.num_groups = c.mamba_num_groups
         self.state_dim = c.mamba_state_dim
-        self.d_inner = c.mamba_d_inner
-        self.conv_dim = c.mamba_conv_dim
+        self.d_inner = dims.mamba_d_inner
+        self.conv_dim = dims.mamba_conv_dim
         self.chunk_size = c.mamba_chunk_size
         self.dt_limit = tuple(c.mamba_dt_limit)
         # in_proj -> [z, x, B, C, dt] = [d_inner, d_inner, G*N, G*N, H]
-        self.in_proj = nn.Linear(c.hidden_size, c.mamba_in_proj_dim, bias=c.mamba_proj_bias)
+        self.in_proj = nn.Linear(c.hidden_size, dims.mamba_in_proj_dim, bias=c.mamba_proj_bias)
         # depthwise conv over [x, B, C] = [d_inner, G*N, G*N]; weight (conv_dim, 1, kernel)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, c.mamba_conv_kernel, groups=self.conv_dim,
@@ -77,7 +93,18 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedGroupRMSNorm(self.d_inner, self.d_inner // self.num_groups, c.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, c.hidden_size, bias=c.mamba_proj_bias)
 
-    def forward(self, hidden_BLD: torch.Tensor) -> torch.Tensor:
+    def channel_mask(self, mask: LayerMask | None) -> torch.Tensor | None:
+        """(d_inner,) mask of the kept (head, channel) pairs, laid out head-major like x and z."""
+        if mask is None or (mask.mamba_heads is None and mask.mamba_head_dim is None):
+            return None
+        heads = mask.mamba_heads if mask.mamba_heads is not None else torch.ones(self.num_heads)
+        chans = mask.mamba_head_dim if mask.mamba_head_dim is not None else torch.ones(self.head_dim)
+        return (heads.float()[:, None] * chans.float().to(heads.device)[None, :]).reshape(-1)
+
+    def forward(self, hidden_BLD: torch.Tensor, mask: LayerMask | None = None) -> torch.Tensor:
+        # Heads and head channels are independent through conv, scan and gate (only B/C are
+        # shared, and they are never masked), so masking the gated output y * silu(z) and
+        # normalising over the kept channels equals running the sliced mixer.
         b, L, _ = hidden_BLD.shape
         backend = kernels.backend_for(hidden_BLD)
         zxbcdt = self.in_proj(hidden_BLD)
@@ -99,17 +126,17 @@ class Mamba2Mixer(nn.Module):
             chunk_size=self.chunk_size,
             backend=backend,
         )  # (b, L, H, P) fp32
-        y = self.norm(y.reshape(b, L, self.d_inner), z)
+        y = self.norm(y.reshape(b, L, self.d_inner), z, self.channel_mask(mask))
         return self.out_proj(y.to(hidden_BLD.dtype))
 
 
 class Attention(nn.Module):
     """Causal grouped-query self-attention, no positional encoding (order comes from the Mamba layers)."""
 
-    def __init__(self, config: HybridConfig):
+    def __init__(self, config: HybridConfig, dims: LayerDims):
         super().__init__()
         c = config
-        self.num_heads = c.num_attention_heads
+        self.num_heads = dims.num_attention_heads
         self.num_kv_heads = c.num_query_groups
         self.head_dim = c.head_dim
         self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=False)
@@ -117,7 +144,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, hidden_BLD: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_BLD: torch.Tensor, mask: LayerMask | None = None) -> torch.Tensor:
         b, L, _ = hidden_BLD.shape
         q = self.q_proj(hidden_BLD).view(b, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_BLD).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -126,16 +153,21 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads
         )  # (b, heads, L, head_dim)
+        if mask is not None and mask.attn_heads is not None:  # heads are independent: mask their outputs
+            out = out * mask.attn_heads.to(out.dtype)[None, :, None, None]
         return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
     """down(relu(up(x))^2): squared-ReLU, no gate."""
 
-    def __init__(self, config: HybridConfig):
+    def __init__(self, config: HybridConfig, dims: LayerDims):
         super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, dims.ffn_hidden_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(dims.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, hidden_BLD: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(torch.square(F.relu(self.up_proj(hidden_BLD))))
+    def forward(self, hidden_BLD: torch.Tensor, mask: LayerMask | None = None) -> torch.Tensor:
+        act = torch.square(F.relu(self.up_proj(hidden_BLD)))
+        if mask is not None and mask.ffn is not None:
+            act = act * mask.ffn.to(act.dtype)
+        return self.down_proj(act)
