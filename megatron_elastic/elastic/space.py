@@ -162,18 +162,25 @@ def homogeneous(config: HybridConfig, *, hidden: int | None = None, ffn: int | N
                 attn_heads: int | None = None, mamba_heads: int | None = None, mamba_head_dim: int | None = None,
                 drop_layers: tuple[int, ...] | list[int] = ()) -> Architecture:  # fmt: skip
     """One size per axis for every layer of its type (None = the parent's size)."""
+    def pick(value, default):
+        return default if value is None else value
+
     full = full_architecture(config)
+    dropped = set(drop_layers)
+    for i in dropped:
+        if not isinstance(i, int) or not 0 <= i < config.num_layers:
+            raise ConfigError(f"cannot drop layer {i!r}: the parent has layers 0..{config.num_layers - 1}")
     layers = []
     for i, layer in enumerate(full.layers):
         layers.append(replace(
             layer,
-            keep=i not in set(drop_layers),
-            ffn_hidden_size=(ffn or layer.ffn_hidden_size) if layer.kind == MLP else None,
-            num_attention_heads=(attn_heads or layer.num_attention_heads) if layer.kind == ATTENTION else None,
-            mamba_num_heads=(mamba_heads or layer.mamba_num_heads) if layer.kind == MAMBA else None,
-            mamba_head_dim=(mamba_head_dim or layer.mamba_head_dim) if layer.kind == MAMBA else None,
+            keep=i not in dropped,
+            ffn_hidden_size=pick(ffn, layer.ffn_hidden_size) if layer.kind == MLP else None,
+            num_attention_heads=pick(attn_heads, layer.num_attention_heads) if layer.kind == ATTENTION else None,
+            mamba_num_heads=pick(mamba_heads, layer.mamba_num_heads) if layer.kind == MAMBA else None,
+            mamba_head_dim=pick(mamba_head_dim, layer.mamba_head_dim) if layer.kind == MAMBA else None,
         ))  # fmt: skip
-    arch = Architecture(hidden_size=hidden or config.hidden_size, layers=tuple(layers))
+    arch = Architecture(hidden_size=pick(hidden, config.hidden_size), layers=tuple(layers))
     validate_architecture(config, arch)
     return arch
 
