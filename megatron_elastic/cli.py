@@ -81,6 +81,98 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- prune
+def _size(text: str, full: int, flag: str) -> int:
+    """'0.5' -> half of ``full`` (a fraction has a decimal point); '12' -> 12."""
+    try:
+        value = float(text) if "." in text else int(text)
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a number; give a fraction like 0.5 or a count like 12") from None
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise UserError(f"{flag} {text} is not a fraction in (0, 1]; give e.g. 0.5 (or a count without a decimal point)")
+        return max(1, int(round(value * full)))
+    return value
+
+
+def _round_to_groups(k: int, groups: int) -> int:
+    return max(groups, (k // groups) * groups)
+
+
+def _depth_order(ckpt: Path, explicit: str | None) -> list[int]:
+    import json
+
+    candidates = [Path(explicit)] if explicit else [ckpt / "ranking.json", ckpt.parent / "ranking.json"]
+    for path in candidates:
+        if path.is_file():
+            try:
+                return [int(i) for i in json.loads(path.read_text())["depth"]["order"]]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{str(path)!r} has no depth order (depth.order); regenerate it with `megatron-elastic importance`") from None
+    if explicit:
+        raise UserError(f"ranking file {explicit!r} does not exist; run `megatron-elastic importance` first")
+    raise UserError("--layers needs a depth ranking (ranking.json from `megatron-elastic importance`, beside or "
+                    "inside the checkpoint, or --ranking FILE); or name the layers with --drop-layers")  # fmt: skip
+
+
+def cmd_prune(args) -> int:
+    import json
+
+    from megatron_elastic.api import load_pretrained
+    from megatron_elastic.elastic import axes_of, child_config, extract, homogeneous
+    from megatron_elastic.model.config import num_parameters
+
+    ckpt = Path(args.checkpoint)
+    _check_output(args.out, args.overwrite)
+    if args.layers is not None and args.drop_layers:
+        raise UserError("give either --layers N or --drop-layers, not both")
+    from megatron_elastic.convert.hf import config_to_hf, is_hf_dir
+    from megatron_elastic.convert.native import is_native_dir, read_native_config
+    from megatron_elastic.utils.io import read_json
+
+    if is_native_dir(ckpt):
+        cfg = read_native_config(ckpt)
+    elif is_hf_dir(ckpt):
+        from megatron_elastic.convert.hf import config_from_hf
+
+        cfg = config_from_hf(read_json(ckpt / "config.json", "Hugging Face config"), src=str(ckpt))
+    else:
+        raise UserError(f"checkpoint {args.checkpoint!r} is not a native or Hugging Face model directory")
+    axes = axes_of(cfg)
+    sizes = {}
+    for name, flag, groups in (("hidden", "--hidden", 1), ("ffn", "--ffn", 1), ("attn_heads", "--attn-heads", cfg.num_query_groups),
+                               ("mamba_heads", "--mamba-heads", cfg.mamba_num_groups), ("mamba_head_dim", "--mamba-head-dim", 1)):  # fmt: skip
+        text = getattr(args, name)
+        if text is not None:
+            k = _size(text, axes[name].full, flag)
+            sizes[name] = _round_to_groups(k, groups) if "." in text else k
+    drop = [int(i) for i in args.drop_layers or []]
+    if args.layers is not None:
+        if not 0 < args.layers <= cfg.num_layers:
+            raise UserError(f"--layers {args.layers} must be between 1 and the parent's {cfg.num_layers} layers")
+        drop = _depth_order(ckpt, args.ranking)[: cfg.num_layers - args.layers]
+    arch = homogeneous(cfg, **sizes, drop_layers=tuple(drop))  # validates: one-line errors before any compute
+    child_cfg = child_config(cfg, arch)
+    if args.format == "hf":
+        config_to_hf(child_cfg)  # a child nemotron_h cannot express fails here, before reading weights
+    model = load_pretrained(ckpt, dtype=None)
+    child = extract(model, arch).eval()
+    extra = {"architecture.json": json.dumps(arch.to_dict(), indent=2) + "\n"}
+    if args.format == "hf":
+        from megatron_elastic.convert.hf import save_hf
+
+        save_hf(child, args.out, overwrite=args.overwrite, side_files_from=ckpt, extra_files=extra)
+    else:
+        from megatron_elastic.convert.native import save_native
+
+        save_native(child, args.out, overwrite=args.overwrite, side_files_from=ckpt, extra_files=extra)
+    parent_n, child_n = sum(num_parameters(cfg).values()), sum(num_parameters(child_cfg).values())
+    print(f"pruned {args.checkpoint} ({parent_n:,} parameters, pattern {''.join(cfg.layer_types)}) -> {args.out} "
+          f"({child_n:,} parameters = {100 * child_n / parent_n:.1f}%, pattern {child_cfg.pattern}, "
+          f"hidden {child_cfg.hidden_size}, format {args.format})")  # fmt: skip
+    return 0
+
+
 # ---------------------------------------------------------------------- train
 def cmd_train(args) -> int:
     from megatron_elastic.config import load_config
@@ -142,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("target", help="preset name (tiny, nemotron-nano-12b-v2) or model directory")
     info.add_argument("--per-layer", action="store_true", help="one row per layer")
     info.set_defaults(func=cmd_info)
+
+    prune = sub.add_parser("prune", help="slice a (permuted) parent into a smaller model, one shot (Minitron-style)")
+    prune.add_argument("--checkpoint", required=True, help="native or Hugging Face model directory (importance-permuted)")
+    prune.add_argument("--out", required=True, help="output directory")
+    for flag, what in (("--hidden", "hidden channels"), ("--ffn", "FFN neurons per MLP layer"),
+                       ("--attn-heads", "query heads per attention layer (trimmed inside each KV group)"),
+                       ("--mamba-heads", "heads per Mamba layer (trimmed inside each group)"),
+                       ("--mamba-head-dim", "channels per Mamba head")):  # fmt: skip
+        prune.add_argument(flag, default=None, help=f"{what}: a fraction like 0.5 or a count like 12")
+    prune.add_argument("--layers", type=int, default=None, help="keep N layers, dropping the least important (needs a ranking)")
+    prune.add_argument("--drop-layers", type=int, nargs="+", default=None, metavar="I", help="drop these layer indices")
+    prune.add_argument("--ranking", default=None, help="ranking.json with the depth order (default: beside the checkpoint)")
+    prune.add_argument("--format", choices=("native", "hf"), default="native", help="output format")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    prune.set_defaults(func=cmd_prune)
 
     train = sub.add_parser("train", help="train a parent model from a YAML recipe (resumes an existing run_dir)")
     train.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
