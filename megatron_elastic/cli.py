@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_elastic.data.preprocess import add_data_subcommands
 
     add_data_subcommands(sub)
+    from megatron_elastic.elastic.importance_cli import add_importance_subcommand
+
+    add_importance_subcommand(sub)
 
     demo = sub.add_parser("demo", help="run the pipeline demo on the built-in tiny model (CPU, minutes)")
     demo.add_argument("--out", default="runs/demo", help="output directory (replaced if it exists)")

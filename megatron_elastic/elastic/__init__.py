@@ -1,13 +1,26 @@
-"""Elastic machinery on top of the model: axes and architectures, masks, slicing (and, above them,
-importance, permutation, router and costs)."""
+"""Elastic machinery on top of the model: axes and architectures, masks, importance, permutation,
+slicing. Names are imported on first use so the command line stays fast to start."""
 
-from megatron_elastic.elastic.slicing import extract
-from megatron_elastic.elastic.space import (
-    AXES, Architecture, Axis, LayerArch, axes_of, child_config, full_architecture, hard_state, homogeneous,
-    layer_axes, validate_architecture,
-)  # fmt: skip
+import importlib
 
-__all__ = [
-    "AXES", "Architecture", "Axis", "LayerArch", "axes_of", "child_config", "extract", "full_architecture",
-    "hard_state", "homogeneous", "layer_axes", "validate_architecture",
-]  # fmt: skip
+_EXPORTS = {
+    "extract": "megatron_elastic.elastic.slicing",
+    **{name: "megatron_elastic.elastic.space" for name in (
+        "AXES", "Architecture", "Axis", "LayerArch", "axes_of", "child_config", "full_architecture", "hard_state",
+        "homogeneous", "layer_axes", "validate_architecture",
+    )},
+}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'megatron_elastic.elastic' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
