@@ -31,8 +31,21 @@ What it measures
     causal conv1d, gated norm) is the same PyTorch work in both implementations, so the stack
     speedup is the scan speedup diluted by that shared cost.
 
+Shapes
+    By default two shape sets run one after the other, and a summary of both speedups ends the output:
+
+    * ``nemotron-12b-group-slice``: hidden 640, 16 heads x head_dim 80, 1 group, state 128, chunk 128,
+      batch 2, seq_len 512, 2 layers -- one B/C group's slice of a Nemotron Nano 12B Mamba layer
+      (128 heads in 8 groups, head_dim 80, state 128), so the per-head work has the real proportions;
+    * ``small``: hidden 256, 8 heads x 64, 2 groups, state 64, chunk 128, batch 4, seq_len 512, 4 layers.
+
+    ``--shapes`` picks among them. Passing any shape flag (``--batch``, ``--seq-len``, ``--hidden``,
+    ``--layers``, ``--heads``, ``--head-dim``, ``--groups``, ``--state``, ``--chunk``) runs one custom
+    shape instead: the flags given, the ``small`` values for the rest.
+
 How to run (from the repository root)
     .venv/bin/python bench/ssd.py
+    .venv/bin/python bench/ssd.py --shapes nemotron-12b-group-slice --repeats 5
     .venv/bin/python bench/ssd.py --batch 2 --seq-len 1024 --layers 2 --repeats 5
 """
 
@@ -53,24 +66,51 @@ import torch
 from torch import nn
 
 
+SHAPE_KEYS = ("batch", "seq_len", "hidden", "layers", "heads", "head_dim", "groups", "state", "chunk")
+SHAPES = {
+    "nemotron-12b-group-slice": {"batch": 2, "seq_len": 512, "hidden": 640, "layers": 2, "heads": 16, "head_dim": 80,
+                                 "groups": 1, "state": 128, "chunk": 128},
+    "small": {"batch": 4, "seq_len": 512, "hidden": 256, "layers": 4, "heads": 8, "head_dim": 64, "groups": 2,
+              "state": 64, "chunk": 128},
+}  # fmt: skip
+CUSTOM_BASE = "small"  # the values a custom shape takes for the flags not given
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch", type=int, default=4, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--hidden", type=int, default=256, help="residual width")
-    p.add_argument("--layers", type=int, default=4, help="number of Mamba-2 blocks in the stack")
-    p.add_argument("--heads", type=int, default=8, help="Mamba heads")
-    p.add_argument("--head-dim", type=int, default=64, help="channels per Mamba head")
-    p.add_argument("--groups", type=int, default=2, help="B/C groups")
-    p.add_argument("--state", type=int, default=64, help="SSM state size N")
-    p.add_argument("--chunk", type=int, default=128, help="SSD chunk size")
+    base = SHAPES[CUSTOM_BASE]
+    shape = p.add_argument_group("custom shape (giving any of these runs this one shape; the rest take the 'small' values)")
+    shape.add_argument("--batch", type=int, default=argparse.SUPPRESS, help=f"sequences per step (small: {base['batch']})")
+    shape.add_argument("--seq-len", type=int, default=argparse.SUPPRESS, help=f"tokens per sequence (small: {base['seq_len']})")
+    shape.add_argument("--hidden", type=int, default=argparse.SUPPRESS, help=f"residual width (small: {base['hidden']})")
+    shape.add_argument("--layers", type=int, default=argparse.SUPPRESS, help=f"number of Mamba-2 blocks in the stack (small: {base['layers']})")
+    shape.add_argument("--heads", type=int, default=argparse.SUPPRESS, help=f"Mamba heads (small: {base['heads']})")
+    shape.add_argument("--head-dim", type=int, default=argparse.SUPPRESS, help=f"channels per Mamba head (small: {base['head_dim']})")
+    shape.add_argument("--groups", type=int, default=argparse.SUPPRESS, help=f"B/C groups (small: {base['groups']})")
+    shape.add_argument("--state", type=int, default=argparse.SUPPRESS, help=f"SSM state size N (small: {base['state']})")
+    shape.add_argument("--chunk", type=int, default=argparse.SUPPRESS, help=f"SSD chunk size (small: {base['chunk']})")
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"comma-separated named shape sets to run when no shape flag is given ({', '.join(SHAPES)})")  # fmt: skip
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--eval", action="store_true", help="run both models in eval() mode instead of train()")
     p.add_argument("--no-scan", action="store_true", help="skip the scan-only comparison")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    unknown = [n for n in a.shapes.split(",") if n and n not in SHAPES]
+    if unknown:
+        p.error(f"unknown shape set(s) {unknown}; known: {list(SHAPES)}")
+    return a
+
+
+def shape_runs(a: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
+    """(name, namespace with every shape field set) for each shape set to run."""
+    given = {k: getattr(a, k) for k in SHAPE_KEYS if getattr(a, k, None) is not None}
+    if given:
+        return [("custom", argparse.Namespace(**{**vars(a), **SHAPES[CUSTOM_BASE], **given}))]
+    names = [n for n in a.shapes.split(",") if n]
+    return [(n, argparse.Namespace(**{**vars(a), **SHAPES[n]})) for n in names]
 
 
 def build_models(a: argparse.Namespace) -> tuple[nn.ModuleList, nn.ModuleList]:
@@ -188,10 +228,9 @@ def print_table(rows: list[tuple[str, float]], tokens: int) -> None:
         print(f"{name:<26} {sec * 1e3:>18.1f} {tokens / sec:>12,.0f}")
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
+def run_shape(a: argparse.Namespace) -> dict[str, float]:
+    """Benchmark one shape set, print its report; returns {"stack": speedup, "scan": speedup (unless --no-scan)}."""
+    speedups = {}
     ours, hf = build_models(a)
     for m in (ours, hf):
         m.train(not a.eval)
@@ -222,7 +261,8 @@ def main(argv=None) -> int:
     print()
     print_table([(name, med[name]) for name, _, _ in impls], tokens)
     print()
-    print(f"speedup (ours / transformers): {med[impls[1][0]] / med[impls[0][0]]:.2f}x")
+    speedups["stack"] = med[impls[1][0]] / med[impls[0][0]]
+    print(f"speedup (ours / transformers): {speedups['stack']:.2f}x")
     print(f"max |diff| forward: {(out_o - out_h).abs().max().item():.3e}  "
           f"(max |output| {out_h.abs().max().item():.3e})")  # fmt: skip
     print(f"max |diff| input grad: {(grad_o - grad_h).abs().max().item():.3e}  "
@@ -246,12 +286,32 @@ def main(argv=None) -> int:
         print()
         print_table([(names[k], smed[k]) for k in names], tokens)
         print()
-        print(f"scan speedup (ours / transformers): {smed['hf'] / smed['ours']:.2f}x")
+        speedups["scan"] = smed["hf"] / smed["ours"]
+        print(f"scan speedup (ours / transformers): {speedups['scan']:.2f}x")
         (y_o, g_o), (y_h, g_h) = sres["ours"], sres["hf"]
         print(f"scan max |diff| forward: {(y_o - y_h).abs().max().item():.3e}  "
               f"(max |y| {y_h.abs().max().item():.3e})")  # fmt: skip
         print(f"scan max |diff| x grad: {(g_o - g_h).abs().max().item():.3e}  "
               f"(max |grad| {g_h.abs().max().item():.3e})")  # fmt: skip
+    return speedups
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    summary = []
+    for i, (name, shape) in enumerate(shape_runs(a)):
+        if i:
+            print()
+        print(f"=== {name} ===")
+        summary.append((name, run_shape(shape)))
+    if len(summary) > 1:
+        print()
+        print("Summary (transformers time / our time; goal >= 2x for the stack):")
+        for name, sp in summary:
+            scan = f"   scan {sp['scan']:.2f}x" if "scan" in sp else ""
+            print(f"  {name:<26} stack {sp['stack']:.2f}x{scan}")
     return 0
 
 

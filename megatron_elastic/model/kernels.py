@@ -65,7 +65,7 @@ class _CausalConv1dSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        b, L, D = x.shape
+        L = x.shape[1]
         K = weight.shape[-1]
         cdt = _compute_dtype(x.dtype)
         w = weight.to(cdt).t()  # (K, D): w[k] multiplies x[t - (K-1) + k]

@@ -52,6 +52,8 @@ class GatedGroupRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``mask`` (d,): kept channels; each group's mean then runs over its kept channels only."""
+        if mask is None:
+            return kernels.gated_group_rmsnorm(y, z, self.weight, self.group_size, self.eps)
         y32 = y.float() * F.silu(z.float())
         *lead, d = y32.shape
         groups = d // self.group_size
@@ -109,9 +111,7 @@ class Mamba2Mixer(nn.Module):
         backend = kernels.backend_for(hidden_BLD)
         zxbcdt = self.in_proj(hidden_BLD)
         z, xBC, dt_raw = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        xBC = kernels.causal_conv1d_silu(
-            xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, backend
-        ).transpose(1, 2)  # (b, L, conv_dim)
+        xBC = kernels.causal_conv1d_silu_bld(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, backend)  # (b, L, conv_dim)
         gn = self.num_groups * self.state_dim
         x, B, C = xBC.split([self.d_inner, gn, gn], dim=-1)
         y = kernels.ssd_scan(

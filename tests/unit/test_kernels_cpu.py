@@ -99,7 +99,9 @@ def test_conv_bdl_layout_matches_bld():
         torch.testing.assert_close(a, e)
     # a contiguous (b, D, L) input too
     x = torch.randn(2, 8, 33, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(kernels.causal_conv1d_silu(x, w, bvec, "torch"), conv_torch(x.transpose(1, 2), w, bvec).transpose(1, 2))
+    torch.testing.assert_close(
+        kernels.causal_conv1d_silu(x, w, bvec, "torch"), conv_torch(x.transpose(1, 2), w, bvec).transpose(1, 2)
+    )
 
 
 def test_conv_bf16_input_accumulates_in_fp32():
@@ -127,7 +129,9 @@ def test_norm_gradcheck(shape, group_size):
     torch.testing.assert_close(fn(y, z, w), norm_ref(y, z, w, group_size, 1e-5).double(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,group_size", NORM_SHAPES + [((2, 64, 256), 128)], ids=["groups3", "groups1", "2d", "4d", "large"])
+@pytest.mark.parametrize(
+    "shape,group_size", NORM_SHAPES + [((2, 64, 256), 128)], ids=["groups3", "groups1", "2d", "4d", "large"]
+)
 def test_norm_matches_plain_torch_fp32(shape, group_size):
     gen = torch.Generator().manual_seed(1)
     y0, z0, gout = (torch.randn(*shape, generator=gen) for _ in range(3))
