@@ -14,11 +14,13 @@ from pathlib import Path
 
 import yaml
 
-from megatron_elastic.config.schema import DataConfig, RunConfig, TrackingConfig, TrainConfig
+from megatron_elastic.config.schema import DataConfig, DistillConfig, ElasticConfig, RunConfig, TrackingConfig, TrainConfig
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import HybridConfig, preset
 
-SECTIONS = {"model": HybridConfig, "data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig}
+SECTIONS = {"model": HybridConfig, "data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig,
+            "elastic": ElasticConfig, "distill": DistillConfig}  # fmt: skip
+OPTIONAL_SECTIONS = ("elastic", "distill")
 TOP_LEVEL = set(SECTIONS) | {"run_dir"}
 
 
@@ -127,6 +129,8 @@ def config_from_dict(raw: dict) -> RunConfig:
         train=_build(TrainConfig, raw.get("train") or {}, "train"),
         tracking=_build(TrackingConfig, raw.get("tracking") or {}, "tracking"),
         run_dir=_coerce("run_dir", raw.get("run_dir", "runs/default"), str),
+        elastic=_build(ElasticConfig, raw["elastic"] or {}, "elastic") if "elastic" in raw else None,
+        distill=_build(DistillConfig, raw["distill"] or {}, "distill") if "distill" in raw else None,
     )
     cfg.validate()
     return cfg

@@ -137,6 +137,138 @@ class TrackingConfig:
                 raise ConfigError(f"tracking.backends contains {b!r}; use console and/or mlflow")
 
 
+def _fractions(section: str, name: str, values, *, must_have_one: bool = True) -> None:
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{section}.{name}={values!r} is invalid; give a list of fractions such as [1.0, 0.75, 0.5]")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+            raise ConfigError(f"{section}.{name} contains {v!r}; every entry must be a fraction in (0, 1]")
+    if values != sorted(set(values), reverse=True):
+        raise ConfigError(f"{section}.{name}={values} must be unique and sorted largest first (nested); sort them")
+    if must_have_one and values[0] != 1.0:
+        raise ConfigError(f"{section}.{name}={values} must start with 1.0 (the full size)")
+
+
+@dataclass(kw_only=True)
+class ElasticConfig:
+    """Elastic nested distillation: the parent, the search space, the budgets and the router."""
+
+    parent: str = ""
+    """Native (or Hugging Face) directory of the parent, ideally permuted by `megatron-elastic importance`."""
+    ranking: str = ""
+    """ranking.json with the depth removal order; empty = next to the parent (DIR/../ranking.json) if present."""
+    budgets: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    """Target costs as fractions of the parent's, largest first; the first is the full model (1.0)."""
+    cost: str = "params"
+    """What a budget limits: 'params', 'memory' (weights + KV cache + Mamba state) or 'latency'."""
+    hidden: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
+    """Allowed hidden sizes, as fractions of the parent's."""
+    ffn: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25])
+    """Allowed FFN sizes."""
+    attn_heads: list[float] = field(default_factory=lambda: [1.0, 0.5])
+    """Allowed query-head counts (trimmed inside each KV group)."""
+    mamba_heads: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
+    """Allowed Mamba head counts (trimmed inside each group)."""
+    mamba_head_dim: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75])
+    """Allowed Mamba head_dim sizes."""
+    depth: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75])
+    """Allowed fractions of layers kept (the least important are dropped first)."""
+    heterogeneous: bool = False
+    """Per-layer choices for FFN / attention / Mamba (hidden and depth stay global)."""
+    multiple_of: int = 1
+    """Round every size down to a multiple of this (e.g. 16 for FP8 GEMMs)."""
+    protect_attention: bool = False
+    """Keep attention layers out of depth and head cuts."""
+    mask_mode: str = "hard"
+    """'hard' (argmax choice, straight-through to the router) or 'soft' (probability-weighted masks)."""
+    router_hidden: int = 256
+    """Width of the router's hidden layer."""
+    router_lr_multiplier: float = 100.0
+    """Router learning rate = this x train.lr."""
+    router_loss_weight: float = 1.0
+    """lambda in  loss = KD + lambda * router loss."""
+    router_tolerance: float = 0.05
+    """The router loss is zero while |cost / (budget * full cost) - 1| stays within this."""
+    tau_start: float = 1.0
+    """Gumbel-softmax temperature at the first step."""
+    tau_end: float = 0.05
+    """Gumbel-softmax temperature at the last step."""
+    tau_schedule: str = "exponential"
+    """How tau anneals: 'exponential', 'linear' or 'cosine'."""
+    scale_start: float = 1.0
+    """Router logit scale at the first step."""
+    scale_end: float = 10.0
+    """Router logit scale at the last step (rises linearly)."""
+    memory_batch: int = 1
+    """Batch size the memory cost assumes."""
+    memory_context: int = 8192
+    """Context length the memory cost assumes."""
+    memory_bytes_per_param: int = 2
+    """Bytes per weight / cache element in the memory cost (2 = bf16)."""
+    latency_table: str = ""
+    """JSON latency table from `megatron-elastic profile` (cost: latency)."""
+
+    def validate(self) -> None:
+        for name in ("budgets", "hidden", "ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "depth"):
+            _fractions("elastic", name, getattr(self, name))
+        if self.cost not in ("params", "memory", "latency"):
+            raise ConfigError(f"elastic.cost={self.cost!r} is invalid; use params, memory or latency")
+        if self.cost == "latency" and not self.latency_table:
+            raise ConfigError("elastic.cost=latency needs elastic.latency_table (run `megatron-elastic profile`)")
+        if self.mask_mode not in ("hard", "soft"):
+            raise ConfigError(f"elastic.mask_mode={self.mask_mode!r} is invalid; use hard or soft")
+        if self.tau_schedule not in ("exponential", "linear", "cosine"):
+            raise ConfigError(f"elastic.tau_schedule={self.tau_schedule!r} is invalid; use exponential, linear or cosine")
+        _positive_int("elastic", self, "router_hidden", "multiple_of", "memory_batch", "memory_context",
+                      "memory_bytes_per_param")  # fmt: skip
+        _non_negative("elastic", self, "router_lr_multiplier", "router_loss_weight", "router_tolerance")
+        for name in ("tau_start", "tau_end", "scale_start", "scale_end"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"elastic.{name}={getattr(self, name)!r} is invalid; it must be > 0")
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    """Nested knowledge distillation from the frozen parent, and the budget curriculum."""
+
+    temperature: float = 1.0
+    """Softmax temperature of the KD loss (the loss is scaled by T^2)."""
+    kd_weight: float = 1.0
+    """Weight of KL(teacher || student)."""
+    ce_weight: float = 0.0
+    """Weight of the plain next-token cross-entropy."""
+    top_k: int = 0
+    """KD on the teacher's top-k tokens only (0 = full vocabulary)."""
+    budgets_per_micro_batch: int = 0
+    """Budgets trained against one teacher forward (0 = all budgets: the sandwich)."""
+    full_model_prob: float = 0.0
+    """Probability that a sampled budget is the full model regardless of the weights."""
+    stage1_weights: list[float] = field(default_factory=list)
+    """Stage-1 budget sampling weights (empty = uniform)."""
+    stage2_weights: list[float] = field(default_factory=list)
+    """Stage-2 weights (paper: 0.5 / 0.3 / 0.2 for 12B / 9B / 6B); empty = same as stage 1."""
+    stage2_start_step: int = 0
+    """Step at which stage 2 starts (0 = never, unless stage2_start_tokens)."""
+    stage2_start_tokens: int = 0
+    """Tokens after which stage 2 starts (0 = unused)."""
+    stage2_seq_len: int = 0
+    """Stage-2 sequence length (0 = same as data.seq_len)."""
+
+    def validate(self) -> None:
+        _non_negative("distill", self, "kd_weight", "ce_weight", "full_model_prob", "top_k",
+                      "budgets_per_micro_batch", "stage2_start_step", "stage2_start_tokens", "stage2_seq_len")  # fmt: skip
+        if not self.temperature > 0:
+            raise ConfigError(f"distill.temperature={self.temperature!r} is invalid; it must be > 0")
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ConfigError("distill.kd_weight and distill.ce_weight are both 0; give at least one a weight")
+        if self.full_model_prob > 1:
+            raise ConfigError(f"distill.full_model_prob={self.full_model_prob} is not a probability; use [0, 1]")
+        for name in ("stage1_weights", "stage2_weights"):
+            w = getattr(self, name)
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in w) or (w and sum(w) <= 0):
+                raise ConfigError(f"distill.{name}={w} is invalid; give non-negative weights with a positive sum")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """A whole run: model shape, data, optimisation, tracking and where outputs go."""
@@ -151,11 +283,32 @@ class RunConfig:
     """Metric backends."""
     run_dir: str = "runs/default"
     """Checkpoints, metrics and caches go here; an existing run directory is resumed."""
+    elastic: ElasticConfig | None = None
+    """Present = elastic nested distillation from elastic.parent (absent = plain pretraining)."""
+    distill: DistillConfig | None = None
+    """Distillation settings of an elastic run (defaults when absent)."""
 
     def validate(self) -> None:
         self.data.validate()
         self.train.validate()
         self.tracking.validate()
+        if self.distill is not None and self.elastic is None:
+            raise ConfigError("a distill section needs an elastic section (elastic.parent, elastic.budgets)")
+        if self.elastic is not None:
+            if self.distill is None:
+                self.distill = DistillConfig()
+            self.elastic.validate()
+            self.distill.validate()
+            n = len(self.elastic.budgets)
+            for name in ("stage1_weights", "stage2_weights"):
+                w = getattr(self.distill, name)
+                if w and len(w) != n:
+                    raise ConfigError(f"distill.{name} has {len(w)} entries for {n} budgets; give one weight per budget")
+            if self.distill.budgets_per_micro_batch > n:
+                raise ConfigError(f"distill.budgets_per_micro_batch={self.distill.budgets_per_micro_batch} exceeds "
+                                  f"the {n} budgets; lower it (0 = all)")  # fmt: skip
+            if not self.elastic.parent:
+                raise ConfigError("elastic.parent is empty; give the parent checkpoint (run `megatron-elastic importance` first)")
         if self.data.tokenizer == "builtin" and self.data.tokenizer_vocab_size > self.model.vocab_size:
             raise ConfigError(
                 f"data.tokenizer_vocab_size={self.data.tokenizer_vocab_size} exceeds model.vocab_size="
@@ -165,10 +318,14 @@ class RunConfig:
             raise ConfigError("run_dir is empty; give a directory for checkpoints and metrics")
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "model": self.model.to_dict(),
             "data": dataclasses.asdict(self.data),
             "train": dataclasses.asdict(self.train),
             "tracking": dataclasses.asdict(self.tracking),
             "run_dir": self.run_dir,
         }
+        if self.elastic is not None:
+            out["elastic"] = dataclasses.asdict(self.elastic)
+            out["distill"] = dataclasses.asdict(self.distill or DistillConfig())
+        return out

@@ -46,9 +46,12 @@ class ConsoleTracker(Tracker):
         frac = step / self.total if self.total else 1.0
         bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
         parts = [f"loss {metrics['loss']:.4f}"]
-        for key, fmt in (("lr", ".2e"), ("grad_norm", ".3f"), ("tokens_per_s", ".0f")):
+        for key, fmt in (("lr", ".2e"), ("grad_norm", ".3f"), ("tokens_per_s", ".0f"), ("tau", ".3f")):
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:{fmt}}")
+        # per-budget numbers of an elastic run, e.g. kd_loss/b0.75 and cost/b0.75
+        per_budget = [f"{k} {v:.3f}" for k, v in metrics.items() if "/" in k and k.split("/")[0] in ("kd_loss", "cost")]
+        parts.extend(per_budget)
         self._print(f"[{bar}] {100 * frac:5.1f}% step {step}/{self.total} | " + " | ".join(parts) + f" | ETA {_duration(eta)}")
 
     def log_artifact(self, path) -> None:

@@ -68,7 +68,8 @@ def _write_pointer(ckpt_root: Path, name: str) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, *, step: int, model, optimizer, trainer_state: dict, config_yaml: str,
-                    keep_last: int) -> Path:  # fmt: skip
+                    keep_last: int, extra: dict | None = None) -> Path:  # fmt: skip
+    """``extra``: name -> (bytes | str | object); bytes/str are written as files, objects with torch.save."""
     from safetensors.torch import save_file
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -84,6 +85,13 @@ def save_checkpoint(ckpt_root: Path, *, step: int, model, optimizer, trainer_sta
         torch.save(rng_state(), tmp / "rng.pt")
         write_json(tmp / "trainer_state.json", trainer_state)
         (tmp / "config.yaml").write_text(config_yaml)
+        for name, value in (extra or {}).items():
+            if isinstance(value, str):
+                (tmp / name).write_text(value)
+            elif isinstance(value, bytes):
+                (tmp / name).write_bytes(value)
+            else:
+                torch.save(value, tmp / name)
     _write_pointer(ckpt_root, dst.name)
     # Prune only after the new checkpoint is complete and pointed to.
     existing = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())

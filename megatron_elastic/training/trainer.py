@@ -77,8 +77,8 @@ class Trainer:
         tc = cfg.train
         self.grad_accum = tc.global_batch_size // (tc.micro_batch_size * dp_world_size)
         torch.manual_seed(tc.seed)
-        self.model = HybridLM(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, tc)
+        self.model = self.build_model().to(self.device)
+        self.optimizer = self.build_optimizer()
         self.tracker = tracker if tracker is not None else build_trackers(cfg)
         use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -87,12 +87,27 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.last_val_loss: float | None = None
 
+    # ------------------------------------------------------------------ overridable pieces
+    def build_model(self) -> HybridLM:
+        return HybridLM(self.cfg.model)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.model, self.cfg.train)
+
+    def extra_checkpoint_state(self) -> dict:
+        """Additional objects saved with torch.save into the checkpoint (name -> object)."""
+        return {}
+
+    def load_extra_checkpoint_state(self, path: Path) -> None:
+        pass
+
     # ------------------------------------------------------------------ resume
     def maybe_resume(self) -> bool:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         if latest is None:
             return False
         state, rng = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer)
+        self.load_extra_checkpoint_state(latest)
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
         self.data.train_loader.load_state_dict(state["loader"])
@@ -143,7 +158,7 @@ class Trainer:
         }
         return ckpt.save_checkpoint(self.ckpt_root, step=self.step, model=self.model, optimizer=self.optimizer,
                                     trainer_state=state, config_yaml=dump_config(self.cfg),
-                                    keep_last=self.cfg.train.keep_last)  # fmt: skip
+                                    keep_last=self.cfg.train.keep_last, extra=self.extra_checkpoint_state())  # fmt: skip
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -157,6 +172,15 @@ class Trainer:
             count += labels.numel()
         self.model.train()
         return total / max(1, count)
+
+    def evaluate_metrics(self) -> dict[str, float]:
+        """Validation metrics; ``val_loss`` is the headline number."""
+        return {"val_loss": self.evaluate()}
+
+    def step_metrics(self) -> dict[str, float]:
+        """One optimizer step; returns at least loss, grad_norm and lr."""
+        loss, grad_norm, lr = self.train_step()
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step over grad_accum micro-batches. Returns (loss, grad_norm, lr)."""
@@ -205,23 +229,24 @@ class Trainer:
         t_last, steps_since = time.perf_counter(), 0
         try:
             while self.step < tc.max_steps:
-                loss, grad_norm, lr = self.train_step()
+                metrics = self.step_metrics()
+                loss = metrics["loss"]
                 last_loss = loss
                 steps_since += 1
                 if not math.isfinite(loss):
                     self.tracker.message(f"[train] loss became {loss} at step {self.step}; stopping")
                     self.tracker.finish("FAILED")
                     return TrainResult(1, self.step, loss, self.last_val_loss)
-                record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+                record = {"step": self.step, **metrics}
                 self._write_metrics(record)
                 if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
                     now = time.perf_counter()
                     record["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
                     t_last, steps_since = now, 0
-                    self.tracker.log_metrics(dict(record), self.step)
+                    self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, self.step)
                 if (tc.eval_interval and self.step % tc.eval_interval == 0) or self.step == tc.max_steps:
-                    self.last_val_loss = self.evaluate()
-                    val = {"step": self.step, "val_loss": self.last_val_loss}
+                    val = {"step": self.step, **self.evaluate_metrics()}
+                    self.last_val_loss = val["val_loss"]
                     if baseline is not None:
                         val["val_unigram_baseline"] = baseline
                     self._write_metrics(val)
@@ -236,5 +261,9 @@ class Trainer:
                     return TrainResult(EXIT_REQUEUE, self.step, last_loss, self.last_val_loss)
         finally:
             stop.uninstall()
+        self.on_finished()
         self.tracker.finish("FINISHED")
         return TrainResult(0, self.step, last_loss, self.last_val_loss)
+
+    def on_finished(self) -> None:
+        """Called once after the last step (the elastic trainer writes its many-in-one checkpoint)."""

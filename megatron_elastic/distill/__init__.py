@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses and the nested (teacher once, students per budget) step."""
