@@ -187,16 +187,140 @@ def cmd_train(args) -> int:
     from megatron_elastic.training.data_setup import build_training_data
     from megatron_elastic.training.trainer import Trainer
 
+    if cfg.elastic is not None:
+        cfg, parent_path, depth_order = _elastic_inputs(cfg)
     latest = checkpoint.latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
     if latest is not None:  # a run to resume: check it before preparing data or building anything
         checkpoint.validate_checkpoint(latest, cfg.model)
     data = build_training_data(cfg)  # every input checked before the model is built
-    result = Trainer(cfg, data).fit()
+    if cfg.elastic is not None:
+        from megatron_elastic.api import load_pretrained
+        from megatron_elastic.training.elastic_trainer import ElasticTrainer
+
+        parent = load_pretrained(parent_path).train()
+        result = ElasticTrainer(cfg, data, depth_order=depth_order, parent=parent).fit()
+    else:
+        result = Trainer(cfg, data).fit()
     if result.exit_code == 0 and result.val_loss is not None:
         base = data.unigram_baseline
         print(f"[train] final validation loss {result.val_loss:.4f} nats/token"
               + (f" (unigram baseline {base:.4f})" if base is not None else ""), flush=True)  # fmt: skip
     return result.exit_code
+
+
+def _elastic_inputs(cfg):
+    """The parent's config replaces the recipe's model section; the depth order comes from the
+    importance ranking. All checked before any data or compute."""
+    import dataclasses
+    import json
+
+    from megatron_elastic.convert.hf import config_from_hf, is_hf_dir
+    from megatron_elastic.convert.native import is_native_dir, read_native_config
+    from megatron_elastic.utils.io import read_json
+
+    parent = Path(cfg.elastic.parent)
+    if is_native_dir(parent):
+        model_cfg = read_native_config(parent)
+    elif is_hf_dir(parent):
+        model_cfg = config_from_hf(read_json(parent / "config.json", "Hugging Face config"), src=str(parent))
+    else:
+        raise UserError(f"elastic.parent={str(parent)!r} is not a native or Hugging Face model directory; "
+                        "give the parent written by `megatron-elastic importance` (DIR/parent)")  # fmt: skip
+    ranking = Path(cfg.elastic.ranking) if cfg.elastic.ranking else None
+    if ranking is None:
+        for candidate in (parent / "ranking.json", parent.parent / "ranking.json"):
+            if candidate.is_file():
+                ranking = candidate
+                break
+    depth_order = None
+    if ranking is not None:
+        if not ranking.is_file():
+            raise UserError(f"elastic.ranking={str(ranking)!r} does not exist; run `megatron-elastic importance`")
+        try:
+            depth_order = [int(i) for i in json.loads(ranking.read_text())["depth"]["order"]]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{str(ranking)!r} has no depth order; regenerate it with `megatron-elastic importance`") from None
+    elastic = dataclasses.replace(cfg.elastic, ranking=str(ranking) if ranking else "")
+    cfg = dataclasses.replace(cfg, model=model_cfg, elastic=elastic)
+    cfg.validate()
+    from megatron_elastic.training.elastic_trainer import build_space, check_budgets_reachable
+
+    space = build_space(cfg, depth_order)  # an infeasible space fails here, with one line
+    check_budgets_reachable(cfg, space)
+    from megatron_elastic.training import checkpoint
+
+    latest = checkpoint.latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    if latest is not None and (latest / "elastic.json").is_file():
+        saved = json.loads((latest / "elastic.json").read_text())
+        if saved.get("space") != json.loads(json.dumps(space.to_dict())) or saved.get("budgets") != cfg.elastic.budgets:
+            raise UserError(f"checkpoint {str(latest)!r} was trained with another elastic space (choices, budgets or "
+                            "depth order differ); resume with the same elastic settings or use a new run_dir")  # fmt: skip
+    return cfg, parent, depth_order
+
+
+# ---------------------------------------------------------------------- extract
+def cmd_extract(args) -> int:
+    import time
+
+    from megatron_elastic.elastic import Architecture, child_config, extract
+    from megatron_elastic.elastic.manyinone import budget_key, dir_size, read_metadata, weights_size
+    from megatron_elastic.model.config import num_parameters
+
+    ckpt = Path(args.checkpoint)
+    meta = read_metadata(ckpt)
+    from megatron_elastic.convert.native import read_native_config
+
+    parent_cfg = read_native_config(ckpt)
+    archs = meta["architectures"]
+    if args.all:
+        wanted = list(archs)
+    else:
+        try:
+            key = budget_key(float(args.budget))
+        except ValueError:
+            raise UserError(f"--budget {args.budget!r} is not a number; give e.g. 0.5 (or use --all)") from None
+        if key not in archs:
+            raise UserError(f"budget {args.budget} is not in this checkpoint; it holds {', '.join(archs)} (or use --all)")
+        wanted = [key]
+    out = Path(args.out)
+    targets = {k: (out / f"budget-{k}" if args.all else out) for k in wanted}
+    for path in targets.values():
+        _check_output(str(path), args.overwrite)
+    plans = {}
+    for key in wanted:
+        arch = Architecture.from_dict(archs[key])
+        child_cfg = child_config(parent_cfg, arch)  # validates against the parent
+        if args.format == "hf":
+            from megatron_elastic.convert.hf import config_to_hf
+
+            config_to_hf(child_cfg)
+        plans[key] = (arch, child_cfg)
+    from megatron_elastic.api import load_pretrained
+
+    parent = load_pretrained(ckpt, dtype=None)
+    total = sum(num_parameters(parent_cfg).values())
+    ratio = dir_size(ckpt) / weights_size(ckpt)
+    print(f"many-in-one checkpoint {ckpt}: {len(archs)} budgets ({meta['cost']} cost), {dir_size(ckpt):,} bytes on disk "
+          f"= {ratio:.4f}x the parent's weights")  # fmt: skip
+    print(f"{'budget':>8}{'parameters':>14}{'% params':>10}  pattern / sizes -> output")
+    for key, (arch, child_cfg) in plans.items():
+        t0 = time.perf_counter()
+        child = extract(parent, arch).eval()
+        extra = {"architecture.json": __import__("json").dumps(arch.to_dict(), indent=2) + "\n"}
+        if args.format == "hf":
+            from megatron_elastic.convert.hf import save_hf
+
+            save_hf(child, targets[key], overwrite=args.overwrite, side_files_from=ckpt, extra_files=extra)
+        else:
+            from megatron_elastic.convert.native import save_native
+
+            save_native(child, targets[key], overwrite=args.overwrite, side_files_from=ckpt, extra_files=extra)
+        n = child.num_parameters()
+        c = child_cfg
+        print(f"{key:>8}{n:>14,}{100 * n / total:>9.1f}%  {c.pattern} d={c.hidden_size} ffn={c.ffn_hidden_size} "
+              f"attn={c.num_attention_heads} mamba={c.mamba_num_heads}x{c.mamba_head_dim} -> {targets[key]} "
+              f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+    return 0
 
 
 # ---------------------------------------------------------------------- demo
@@ -249,6 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--format", choices=("native", "hf"), default="native", help="output format")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     prune.set_defaults(func=cmd_prune)
+
+    ext = sub.add_parser("extract", help="cut budgets out of a many-in-one checkpoint, zero-shot")
+    ext.add_argument("--checkpoint", required=True, help="RUN_DIR/many-in-one of an elastic run")
+    which = ext.add_mutually_exclusive_group(required=True)
+    which.add_argument("--budget", help="one budget, e.g. 0.5")
+    which.add_argument("--all", action="store_true", help="every budget, into OUT/budget-B")
+    ext.add_argument("--out", required=True, help="output directory")
+    ext.add_argument("--format", choices=("native", "hf"), default="native", help="output format")
+    ext.add_argument("--overwrite", action="store_true", help="replace existing output directories")
+    ext.set_defaults(func=cmd_extract)
 
     train = sub.add_parser("train", help="train a parent model from a YAML recipe (resumes an existing run_dir)")
     train.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")

@@ -114,6 +114,20 @@ def _build(cls, data: dict, section: str, base: dict | None = None):
                           "add them or set model.preset") from None  # fmt: skip
 
 
+def _parent_model(path: str) -> HybridConfig:
+    from megatron_elastic.convert.hf import config_from_hf, is_hf_dir
+    from megatron_elastic.convert.native import is_native_dir, read_native_config
+    from megatron_elastic.utils.io import read_json
+
+    p = Path(path)
+    if is_native_dir(p):
+        return read_native_config(p)
+    if is_hf_dir(p):
+        return config_from_hf(read_json(p / "config.json", "Hugging Face config"), src=str(p))
+    raise ConfigError(f"elastic.parent={path!r} is not a native or Hugging Face model directory; give the parent "
+                      "written by `megatron-elastic importance` (DIR/parent)")  # fmt: skip
+
+
 def config_from_dict(raw: dict) -> RunConfig:
     raw = dict(raw or {})
     for key in raw:
@@ -121,6 +135,9 @@ def config_from_dict(raw: dict) -> RunConfig:
             raise _unknown(key)
     model_raw = dict(raw.get("model") or {})
     base = preset(str(model_raw.pop("preset"))).to_dict() if "preset" in model_raw else None
+    elastic_raw = raw.get("elastic") or {}
+    if base is None and not model_raw and isinstance(elastic_raw, dict) and elastic_raw.get("parent"):
+        base = _parent_model(str(elastic_raw["parent"])).to_dict()  # elastic runs take the parent's shape
     if base is None and not model_raw:
         raise ConfigError("config has no model section; set model.preset (e.g. tiny) or give the model's fields")
     cfg = RunConfig(

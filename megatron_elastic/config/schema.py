@@ -189,6 +189,11 @@ class ElasticConfig:
     """lambda in  loss = KD + lambda * router loss."""
     router_tolerance: float = 0.05
     """The router loss is zero while |cost / (budget * full cost) - 1| stays within this."""
+    router_warmup_steps: int = 300
+    """Before training, fit the router to the budgets on the cost alone (no data, no model
+    forward) for this many Adam steps, so training starts from architectures that meet their budgets."""
+    router_warmup_lr: float = 0.01
+    """Learning rate of the router warm-up."""
     tau_start: float = 1.0
     """Gumbel-softmax temperature at the first step."""
     tau_end: float = 0.05
@@ -221,7 +226,8 @@ class ElasticConfig:
             raise ConfigError(f"elastic.tau_schedule={self.tau_schedule!r} is invalid; use exponential, linear or cosine")
         _positive_int("elastic", self, "router_hidden", "multiple_of", "memory_batch", "memory_context",
                       "memory_bytes_per_param")  # fmt: skip
-        _non_negative("elastic", self, "router_lr_multiplier", "router_loss_weight", "router_tolerance")
+        _non_negative("elastic", self, "router_lr_multiplier", "router_loss_weight", "router_tolerance",
+                      "router_warmup_steps", "router_warmup_lr")  # fmt: skip
         for name in ("tau_start", "tau_end", "scale_start", "scale_end"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"elastic.{name}={getattr(self, name)!r} is invalid; it must be > 0")

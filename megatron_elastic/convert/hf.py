@@ -254,7 +254,7 @@ def load_hf(src: str | Path, *, dtype: torch.dtype | None = torch.float32) -> Hy
 
 
 def save_hf(model: HybridLM, dst: str | Path, *, overwrite: bool = False, max_shard_size: str | int = "5GB",
-            side_files_from: Path | None = None, extra_files: dict[str, str] | None = None) -> Path:  # fmt: skip
+            side_files_from: Path | None = None, extra_files: dict[str, str | bytes] | None = None) -> Path:  # fmt: skip
     """Write ``model`` as a Hugging Face ``nemotron_h`` directory (sharded past ``max_shard_size``), atomically."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -277,6 +277,9 @@ def save_hf(model: HybridLM, dst: str | Path, *, overwrite: bool = False, max_sh
         write_json(tmp / "config.json", config)
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
-        for name, text in (extra_files or {}).items():  # e.g. architecture.json of an extracted child
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():  # e.g. architecture.json of an extracted child
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
     return dst

@@ -80,7 +80,7 @@ def load_state_into(model: HybridLM, state: dict[str, torch.Tensor], source: str
 
 
 def save_native(model: HybridLM, dst: str | Path, *, overwrite: bool = False, side_files_from: Path | None = None,
-                extra_files: dict[str, str] | None = None) -> Path:
+                extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write ``model`` as a native directory, atomically."""
     from safetensors.torch import save_file
 
@@ -98,8 +98,11 @@ def save_native(model: HybridLM, dst: str | Path, *, overwrite: bool = False, si
         })  # fmt: skip
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
-        for name, text in (extra_files or {}).items():  # e.g. architecture.json of an extracted child
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():  # e.g. architecture.json of an extracted child
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
     return dst
 
 

@@ -30,6 +30,8 @@ class TrainingData:
     train_loader: object
     micro_batch_size: int
     unigram_baseline: float | None
+    train_prefix: str = ""
+    eod_id: int | None = None
 
     def valid_batches(self, n: int):
         """The first ``n`` micro-batches of the validation split, in file order (the same every time)."""
@@ -101,4 +103,4 @@ def build_training_data(cfg: RunConfig, *, dp_rank: int = 0, dp_world_size: int 
     loader = PackedLoader(train_ds, micro_batch_size=tc.micro_batch_size, global_batch_size=tc.global_batch_size,
                           dp_rank=dp_rank, dp_world_size=dp_world_size, seed=tc.seed)  # fmt: skip
     baseline = unigram_cross_entropy(valid_ds, train_ds, vocab_size=tokenizer.vocab_size, eod_id=eod)
-    return TrainingData(tokenizer, train_ds, valid_ds, loader, tc.micro_batch_size, baseline)
+    return TrainingData(tokenizer, train_ds, valid_ds, loader, tc.micro_batch_size, baseline, train_prefix, eod)

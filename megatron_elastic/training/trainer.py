@@ -101,6 +101,13 @@ class Trainer:
     def load_extra_checkpoint_state(self, path: Path) -> None:
         pass
 
+    def restore_loader(self, trainer_state: dict) -> None:
+        self.data.train_loader.load_state_dict(trainer_state["loader"])
+
+    def extra_trainer_state(self) -> dict:
+        """Small JSON-safe additions to trainer_state.json."""
+        return {}
+
     # ------------------------------------------------------------------ resume
     def maybe_resume(self) -> bool:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
@@ -110,7 +117,7 @@ class Trainer:
         self.load_extra_checkpoint_state(latest)
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
-        self.data.train_loader.load_state_dict(state["loader"])
+        self.restore_loader(state)
         ckpt.set_rng_state(rng)
         self._truncate_metrics(self.step)
         self.resumed_from = latest
@@ -155,6 +162,7 @@ class Trainer:
             "step": self.step,
             "consumed_samples": self.consumed_samples,
             "loader": self.data.train_loader.state_dict(),
+            **self.extra_trainer_state(),
         }
         return ckpt.save_checkpoint(self.ckpt_root, step=self.step, model=self.model, optimizer=self.optimizer,
                                     trainer_state=state, config_yaml=dump_config(self.cfg),

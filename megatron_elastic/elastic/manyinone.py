@@ -1,0 +1,84 @@
+"""The many-in-one checkpoint: one parent's weights that hold every budget.
+
+Layout (a native model directory plus three small files)::
+
+    DIR/
+      megatron_elastic.json, model.safetensors   the elastically trained parent (load_pretrained reads it)
+      router.safetensors                         the budget router (a few thousand parameters)
+      elastic.json                               the elastic space, the budgets, the cost kind, and for
+                                                 every budget its resolved architecture and cost
+
+Extraction needs only ``elastic.json`` and the weights: each budget's architecture was resolved
+(router argmax) when the checkpoint was written. The directory is the parent's size plus the
+router and a compact JSON file (``megatron-elastic extract`` reports the ratio).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_elastic.errors import CheckpointError
+
+FORMAT = "megatron-elastic-many-in-one"
+FORMAT_VERSION = 1
+
+
+def budget_key(budget: float) -> str:
+    return f"{budget:.4g}"
+
+
+def metadata(space, budgets, architecture_for, *, cost_fraction, cfg) -> dict:
+    """``architecture_for(i)`` / ``cost_fraction(i)``: budget i's resolved architecture and its cost
+    relative to the parent's."""
+    archs, achieved = {}, {}
+    for i, b in enumerate(budgets):
+        archs[budget_key(b)] = architecture_for(i).to_dict()
+        achieved[budget_key(b)] = cost_fraction(i)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "budgets": list(budgets),
+        "cost": cfg.cost,
+        "space": space.to_dict(),
+        "architectures": archs,
+        "achieved_cost_fraction": achieved,
+        "router": {"hidden": cfg.router_hidden, "num_budgets": len(budgets)},
+    }
+
+
+def save(dst: Path, *, model, router, metadata: dict, ranking: str | None = None, overwrite: bool = True) -> Path:
+    from safetensors.torch import save as st_save
+
+    from megatron_elastic.convert.native import save_native
+
+    if ranking:  # provenance only: extraction needs the resolved architectures, not the ranking
+        metadata = metadata | {"ranking": str(Path(ranking).resolve())}
+    extra: dict[str, str | bytes] = {
+        "elastic.json": json.dumps(metadata, separators=(",", ":")) + "\n",
+        "router.safetensors": st_save({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}),
+    }
+    return save_native(model, dst, overwrite=overwrite, extra_files=extra)
+
+
+def read_metadata(path: Path) -> dict:
+    from megatron_elastic.utils.io import read_json
+
+    meta = read_json(Path(path) / "elastic.json", "elastic metadata")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r}: elastic.json is not a many-in-one checkpoint (format {meta.get('format')!r}); "
+            "give RUN_DIR/many-in-one or a checkpoint of an elastic run"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{str(path)!r}: many-in-one format_version {meta.get('format_version')!r} is not supported")
+    return meta
+
+
+def weights_size(path: Path) -> int:
+    return (Path(path) / "model.safetensors").stat().st_size
+
+
+def dir_size(path: Path, *, exclude: tuple[str, ...] = ()) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.name not in exclude)
+
