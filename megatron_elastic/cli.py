@@ -327,7 +327,7 @@ def cmd_extract(args) -> int:
 def cmd_demo(args) -> int:
     from megatron_elastic.demo import run_demo
 
-    return run_demo(Path(args.out), seed=args.seed, overrides=args.overrides)
+    return run_demo(Path(args.out), seed=args.seed, overrides=args.overrides, elastic_overrides=args.elastic_set)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the pipeline demo on the built-in tiny model (CPU, minutes)")
     demo.add_argument("--out", default="runs/demo", help="output directory (replaced if it exists)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of configs/tiny.yaml")
+    demo.add_argument("--elastic-set", action="append", default=[], metavar="section.key=value",
+                      help="an override of configs/elastic-tiny.yaml (repeatable)")
+    demo.add_argument("overrides", nargs="*", metavar="section.key=value",
+                      help="overrides of configs/tiny.yaml (data.* ones apply to every stage)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

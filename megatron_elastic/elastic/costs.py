@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from megatron_elastic.elastic.search_space import LAYER_AXIS_KIND, ElasticSpace
 from megatron_elastic.elastic.space import AXES
@@ -132,7 +133,9 @@ def memory(space: ElasticSpace, probs: Probs, *, bytes_per_param: float = 2, bat
     di = e.mamba_heads * e.mamba_head_dim
     conv_state = (di + 2 * c.mamba_num_groups * c.mamba_state_dim) * (c.mamba_conv_kernel - 1)
     ssm_state = di * c.mamba_state_dim
-    cache = (_kept(space, e, ATTENTION) * kv_cache).sum() + (_kept(space, e, MAMBA) * (conv_state + ssm_state)).sum() * batch
+    attention_cache = (_kept(space, e, ATTENTION) * kv_cache).sum()
+    mamba_state = (_kept(space, e, MAMBA) * (conv_state + ssm_state)).sum() * batch
+    cache = attention_cache + mamba_state
     return params(space, probs) * bytes_per_param + cache * state_bytes
 
 
@@ -143,9 +146,10 @@ def memory(space: ElasticSpace, probs: Probs, *, bytes_per_param: float = 2, bat
 #    "*": {query_heads: seconds, ...},         # one attention layer by query heads
 #    "-": {ffn_hidden_size: seconds, ...},     # one MLP layer by FFN size
 #    "output": {hidden_size: seconds, ...}}    # optional: final norm + output layer by hidden size
-# Layer times are interpolated linearly in the size (extrapolated from the nearest two points;
-# one point = proportional) and scaled by hidden / table["hidden_size"], since every projection
-# is linear in the hidden size.
+# Layer times are interpolated linearly in the size, extrapolated linearly above the largest
+# point and proportionally (towards zero) below the smallest, so a time never turns negative;
+# they are scaled by hidden / table["hidden_size"], since every projection is linear in the
+# hidden size.
 LATENCY_KINDS = (MAMBA, ATTENTION, MLP)
 
 
@@ -153,11 +157,12 @@ def _interp(x: torch.Tensor, points: Mapping) -> torch.Tensor:
     items = sorted((float(k), float(v)) for k, v in points.items())
     xs = torch.tensor([k for k, _ in items], dtype=x.dtype, device=x.device)
     ys = torch.tensor([v for _, v in items], dtype=x.dtype, device=x.device)
+    proportional = ys[0] * x / xs[0]
     if len(items) == 1:
-        return ys[0] * x / xs[0]
+        return proportional
     j = torch.searchsorted(xs, x.detach().contiguous()).clamp(1, len(items) - 1)
-    slope = (ys[j] - ys[j - 1]) / (xs[j] - xs[j - 1])
-    return ys[j - 1] + (x - xs[j - 1]) * slope
+    linear = ys[j - 1] + (x - xs[j - 1]) * (ys[j] - ys[j - 1]) / (xs[j] - xs[j - 1])
+    return torch.where(x < xs[0], proportional, linear)
 
 
 def check_latency_table(space: ElasticSpace, table: Mapping) -> None:
@@ -227,12 +232,15 @@ def profile_latency(config: HybridConfig, device: torch.device | str | None = No
     if MAMBA in kinds:
         shapes = {h * c.mamba_head_dim: (h, c.mamba_head_dim) for h in space.choices("mamba_heads")}
         shapes |= {c.mamba_num_heads * p: (c.mamba_num_heads, p) for p in space.choices("mamba_head_dim")}
-        table[MAMBA] = {w: layer_time(MAMBA, mamba_num_heads=h, mamba_head_dim=p) for w, (h, p) in sorted(shapes.items())}
-    table["output"] = {}
-    for d in space.choices("hidden"):
-        norm_w, out_w = torch.ones(d, device=device, dtype=dtype), torch.randn(c.vocab_size, d, device=device, dtype=dtype)
-        h = x[..., :d]
-        table["output"][d] = timed(lambda: torch.nn.functional.linear(torch.nn.functional.rms_norm(h, (d,), norm_w), out_w))
+        table[MAMBA] = {w: layer_time(MAMBA, mamba_num_heads=h, mamba_head_dim=p)
+                        for w, (h, p) in sorted(shapes.items())}  # fmt: skip
+
+    def output_time(d: int) -> float:  # final norm + output layer at hidden size d
+        h, norm_w = x[..., :d], torch.ones(d, device=device, dtype=dtype)
+        out_w = torch.randn(c.vocab_size, d, device=device, dtype=dtype)
+        return timed(lambda: F.linear(F.rms_norm(h, (d,), norm_w), out_w))
+
+    table["output"] = {d: output_time(d) for d in space.choices("hidden")}
     return table
 
 

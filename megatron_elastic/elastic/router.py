@@ -1,10 +1,18 @@
 """The router: a small network mapping a target budget to an architecture of the elastic space.
 
 Input: the one-hot of the budget index (budgets sorted descending, index 0 = the full model).
-``Linear(budgets, hidden) -> LeakyReLU -> one Linear head per axis``: the heads together are the
-second linear layer. A head gives logits over its axis's choices (heterogeneous FFN / attention /
-Mamba axes: ``layers x choices``; ``hidden`` and ``depth`` are always global). Axes with a single
-choice (or no layer to act on) get no head: their probability is constant one-hot.
+Every searchable axis has its own two-layer network, ``Linear(budgets, hidden) -> LeakyReLU ->
+Linear(hidden, choices)`` (heterogeneous FFN / attention / Mamba axes: ``layers x choices``
+outputs; ``hidden`` and ``depth`` are always global). Axes with a single choice (or no layer to
+act on) get no network: their probability is constant one-hot.
+
+Logits are bounded: ``z = logit_bound * cos(h, w_j)``, the cosine between the hidden vector and
+row ``j`` of the second layer. Plain linear logits (``logit_bound=None``) grow by about
+``lr * hidden`` per Adam step at the router's ~1e-2 learning rate; within a few dozen steps the
+softmax saturates, the cost gradient vanishes and whatever choice the router holds (in budget or
+not) freezes. With bounded logits the annealed ``scale / tau`` alone decides how peaked the
+distribution gets. The second-layer weights start N(0, ``init_std``), so the initial choice is a
+random, not uniform, preference.
 
 Sampling is Gumbel-softmax, ``p = softmax((scale * z + g) / tau)`` with ``g`` Gumbel noise from the
 caller's ``torch.Generator`` (so a seed reproduces a sample on every rank); ``tau`` anneals
@@ -31,14 +39,14 @@ about 100x the model's.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from megatron_elastic.elastic.search_space import LAYER_AXIS_KIND, ElasticSpace
 from megatron_elastic.elastic.sampler import check_budgets
+from megatron_elastic.elastic.search_space import LAYER_AXIS_KIND, ElasticSpace
 from megatron_elastic.elastic.space import AXES, Architecture, layer_axes
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 
@@ -48,49 +56,85 @@ _LAYER_MASK_FIELD = {"ffn": "ffn", "attn_heads": "attn_heads", "mamba_heads": "m
                      "mamba_head_dim": "mamba_head_dim"}  # fmt: skip
 
 
-@dataclass
 class RouterSample:
-    """One draw of the router for one budget."""
+    """One draw of the router for one budget.
 
-    budget_index: int
-    probs: dict[str, torch.Tensor]
-    """Per axis, Gumbel-softmax probabilities over its choices ((choices,) or (layers, choices)):
-    the inputs of :mod:`megatron_elastic.elastic.costs`."""
-    indices: dict[str, int | list[int]]
-    """Per axis, the argmax choice index (a list per layer for per-layer axes)."""
-    architecture: Architecture
-    """The argmax architecture."""
-    state: ElasticState
-    """Masks for ``model(tokens, elastic=state)``, differentiable with respect to the router."""
+    ``probs`` and ``indices`` are computed at once; ``architecture`` and ``state`` on first access
+    (a cost-only step, such as a router warm-up, never builds masks)."""
+
+    def __init__(self, budget_index: int, probs: dict[str, torch.Tensor], indices: dict[str, int | list[int]],
+                 build: Callable[[], tuple[Architecture, ElasticState]]):  # fmt: skip
+        self.budget_index = budget_index
+        self.probs = probs
+        """Per axis, Gumbel-softmax probabilities over its choices ((choices,) or (layers, choices)):
+        the inputs of :mod:`megatron_elastic.elastic.costs`."""
+        self.indices = indices
+        """Per axis, the argmax choice index (a list per layer for per-layer axes)."""
+        self._build = build
+        self._built: tuple[Architecture, ElasticState] | None = None
+
+    def _get(self) -> tuple[Architecture, ElasticState]:
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+    @property
+    def architecture(self) -> Architecture:
+        """The argmax architecture."""
+        return self._get()[0]
+
+    @property
+    def state(self) -> ElasticState:
+        """Masks for ``model(tokens, elastic=state)``, differentiable with respect to the router."""
+        return self._get()[1]
+
+
+class AxisHead(nn.Module):
+    """One axis's network: budget one-hot -> Linear -> LeakyReLU -> Linear -> (bounded) logits."""
+
+    def __init__(self, num_budgets: int, hidden_size: int, num_outputs: int, *, negative_slope: float,
+                 logit_bound: float | None, init_std: float):  # fmt: skip
+        super().__init__()
+        self.fc1 = nn.Linear(num_budgets, hidden_size, bias=False)
+        self.act = nn.LeakyReLU(negative_slope)
+        self.fc2 = nn.Linear(hidden_size, num_outputs, bias=False)
+        self.logit_bound = logit_bound
+        nn.init.normal_(self.fc1.weight, std=init_std)
+        nn.init.normal_(self.fc2.weight, std=init_std)
+
+    def forward(self, budget_one_hot: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(budget_one_hot))
+        if self.logit_bound is None:
+            return self.fc2(h)
+        return self.logit_bound * F.linear(F.normalize(h, dim=-1), F.normalize(self.fc2.weight, dim=-1))
 
 
 class Router(nn.Module):
     """Budget index -> per-axis logits over the choices of ``space`` (see the module docstring)."""
 
-    def __init__(self, space: ElasticSpace, budgets: Sequence[float], hidden_size: int = 256,
-                 negative_slope: float = 0.01):  # fmt: skip
+    def __init__(self, space: ElasticSpace, budgets: Sequence[float], hidden_size: int = 256, *,
+                 negative_slope: float = 0.1, logit_bound: float | None = 2.0, init_std: float = 0.1):  # fmt: skip
         super().__init__()
+        if logit_bound is not None and not logit_bound > 0:
+            raise ValueError(f"logit_bound={logit_bound!r} must be > 0 (or None for unbounded logits)")
         self.space = space
         self.budgets = check_budgets(budgets)
         self.num_budgets = len(self.budgets)
-        self.searchable = [a for a in AXES if space.is_searchable(a)]
-        self.input = nn.Linear(self.num_budgets, hidden_size)
-        self.act = nn.LeakyReLU(negative_slope)
-        self.heads = nn.ModuleDict({a: nn.Linear(hidden_size, math.prod(space.prob_shape(a))) for a in self.searchable})
-        for head in self.heads.values():  # every budget starts from uniform choices
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        self.heads = nn.ModuleDict({
+            a: AxisHead(self.num_budgets, hidden_size, math.prod(space.prob_shape(a)), negative_slope=negative_slope,
+                        logit_bound=logit_bound, init_std=init_std)
+            for a in AXES if space.is_searchable(a)
+        })  # fmt: skip
 
     def _device(self) -> torch.device:
-        return self.input.weight.device
+        return next(self.parameters()).device if self.heads else torch.device("cpu")
 
     def logits(self, budget_index: int) -> dict[str, torch.Tensor]:
-        """Raw logits z per searchable axis, shaped like :meth:`ElasticSpace.prob_shape`."""
-        if not 0 <= budget_index < self.num_budgets:
+        """Logits z per searchable axis, shaped like :meth:`ElasticSpace.prob_shape`."""
+        if isinstance(budget_index, bool) or not 0 <= budget_index < self.num_budgets:
             raise ValueError(f"budget index {budget_index} is out of range; the router has {self.num_budgets} budgets")
-        x = nn.functional.one_hot(torch.tensor(budget_index, device=self._device()), self.num_budgets)
-        h = self.act(self.input(x.to(self.input.weight.dtype)))
-        return {a: head(h).view(self.space.prob_shape(a)) for a, head in self.heads.items()}
+        x = F.one_hot(torch.tensor(budget_index, device=self._device()), self.num_budgets).float()
+        return {a: head(x.to(head.fc1.weight.dtype)).view(self.space.prob_shape(a)) for a, head in self.heads.items()}
 
     def _fixed(self, axis: str) -> torch.Tensor:
         p = torch.zeros(self.space.prob_shape(axis), device=self._device())
@@ -135,8 +179,12 @@ class Router(nn.Module):
         return out
 
     def _result(self, budget_index: int, probs: dict[str, torch.Tensor], mode: str) -> RouterSample:
-        space = self.space
         indices = self._indices({a: p.detach() for a, p in probs.items()})
+        return RouterSample(budget_index, probs, indices, lambda: self._masks(probs, indices, mode))
+
+    def _masks(self, probs: dict[str, torch.Tensor], indices: dict[str, int | list[int]],
+               mode: str) -> tuple[Architecture, ElasticState]:  # fmt: skip
+        space = self.space
         arch = space.architecture(indices)
         device = self._device()
 
@@ -150,12 +198,12 @@ class Router(nn.Module):
             p, k = probs[axis], indices[axis]
             return (p[nth], k[nth]) if space.is_per_layer(axis) else (p, k)
 
-        hidden_axis = space.axes["hidden"]
-        hidden = axis_mask("hidden", hidden_axis, probs["hidden"], indices["hidden"])
+        hidden = None
+        if "hidden" in self.heads:
+            hidden = axis_mask("hidden", space.axes["hidden"], probs["hidden"], indices["hidden"])
         p_depth, k_depth = probs["depth"], indices["depth"]
-        keep_matrix = space.keep_matrix(p_depth.dtype, device)  # (depth choices, layers)
-        droppable = keep_matrix.min(0).values < 1
-        expected_keep = p_depth @ keep_matrix
+        droppable = set(space.dropped_layers(len(space.choices("depth")) - 1))  # the smallest choice drops most
+        expected_keep = p_depth @ space.keep_matrix(p_depth.dtype, device)  # (layers,)
         depth_ratio = p_depth[k_depth] / p_depth[k_depth].detach()
         nth = {a: 0 for a in LAYER_AXIS_KIND}
         layers = []
@@ -169,15 +217,14 @@ class Router(nn.Module):
                 nth[axis] += 1
                 if axis in self.heads:
                     setattr(mask, field, axis_mask(axis, axes_here[axis], p, k))
-            if not droppable[i]:
+            if i not in droppable:
                 mask.keep = 1.0
             elif mode == "soft":
                 mask.keep = expected_keep[i]
             else:
                 mask.keep = depth_ratio if arch.layers[i].keep else 0.0
             layers.append(mask)
-        state = ElasticState(hidden=hidden if "hidden" in self.heads else None, layers=layers)
-        return RouterSample(budget_index=budget_index, probs=probs, indices=indices, architecture=arch, state=state)
+        return arch, ElasticState(hidden=hidden, layers=layers)
 
 
 def router_param_group(router: Router, model_lr: float, lr_multiplier: float = 100.0) -> dict:
@@ -205,4 +252,3 @@ def scale_at(step: int, total: int, start: float = 1.0, end: float = 10.0) -> fl
     """Logit scale at ``step`` of ``total``, rising linearly from ``start`` to ``end``."""
     t = min(max(step / total, 0.0), 1.0) if total > 0 else 1.0
     return start + (end - start) * t
-

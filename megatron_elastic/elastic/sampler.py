@@ -26,7 +26,9 @@ def check_budgets(budgets: Sequence[float]) -> list[float]:
     """Budgets as floats, or ConfigError unless they are fractions in (0, 1], unique, sorted largest
     first, the first 1.0 (the full model)."""
     if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence) or not budgets:
-        raise ConfigError(f"elastic.budgets={budgets!r} is invalid; give fractions of the parent such as [1.0, 0.75, 0.5]")
+        raise ConfigError(
+            f"elastic.budgets={budgets!r} is invalid; give fractions of the parent such as [1.0, 0.75, 0.5]"
+        )
     for b in budgets:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b <= 1.0:
             raise ConfigError(f"elastic.budgets contains {b!r}; every budget must be a fraction in (0, 1]")
@@ -68,10 +70,13 @@ class BudgetSampler:
         self.budgets = check_budgets(budgets)
         n = len(self.budgets)
         self.stage1_weights = _weights("stage1_weights", stage1_weights, n)
-        self.stage2_weights = self.stage1_weights if stage2_weights is None else _weights("stage2_weights", stage2_weights, n)
-        if isinstance(full_model_prob, bool) or not isinstance(full_model_prob, (int, float)) or not 0 <= full_model_prob <= 1:
-            raise ConfigError(f"distill.full_model_prob={full_model_prob!r} is not a probability; use a value in [0, 1]")
-        self.full_model_prob = float(full_model_prob)
+        self.stage2_weights = (
+            self.stage1_weights if stage2_weights is None else _weights("stage2_weights", stage2_weights, n)
+        )
+        p = full_model_prob
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ConfigError(f"distill.full_model_prob={p!r} is not a probability; use a value in [0, 1]")
+        self.full_model_prob = float(p)
         self.switch_step = _optional_count("stage2_start_step", switch_step)
         self.switch_tokens = _optional_count("stage2_start_tokens", switch_tokens)
         if stage2_weights is not None and self.switch_step is None and self.switch_tokens is None:
@@ -79,7 +84,9 @@ class BudgetSampler:
                           stacklevel=2)  # fmt: skip
         k = budgets_per_micro_batch
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ConfigError(f"distill.budgets_per_micro_batch={k!r} is invalid; give a non-negative integer (0 = all)")
+            raise ConfigError(
+                f"distill.budgets_per_micro_batch={k!r} is invalid; give a non-negative integer (0 = all budgets)"
+            )
         self.budgets_per_micro_batch = k
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"seed={seed!r} is invalid; give a non-negative integer")

@@ -223,10 +223,12 @@ class ElasticSpace:
 
     def keep_matrix(self, dtype=torch.float32, device=None) -> torch.Tensor:
         """(depth choices, layers): 1 where a depth choice keeps the layer; ``probs @ this`` = P(kept)."""
-        m = torch.ones(len(self.axes["depth"].choices), self.num_layers, dtype=dtype, device=device)
-        for c in range(m.shape[0]):
-            m[c, self.dropped_layers(c)] = 0
-        return m
+        if getattr(self, "_keep", None) is None:
+            m = torch.ones(len(self.axes["depth"].choices), self.num_layers, dtype=torch.float64)
+            for c in range(m.shape[0]):
+                m[c, self.dropped_layers(c)] = 0
+            self._keep = m
+        return self._keep.to(dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ architectures
     def full_indices(self) -> dict[str, int | list[int]]:
@@ -298,7 +300,9 @@ class ElasticSpace:
                 multiple_of=data["multiple_of"], protect_attention=data["protect_attention"],
             )  # fmt: skip
         except (KeyError, TypeError) as err:
-            raise ConfigError(f"elastic space data is malformed ({err!r}); save it again with ElasticSpace.to_dict") from None
+            raise ConfigError(
+                f"elastic space data is malformed ({err!r}); save it again with ElasticSpace.to_dict"
+            ) from None
         fractions = data.get("fractions")
         space.fractions = None if fractions is None else {k: list(v) for k, v in fractions.items()}
         return space
