@@ -323,6 +323,43 @@ def cmd_extract(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- profile
+def cmd_profile(args) -> int:
+    import json
+    import os
+    import tempfile
+
+    from megatron_elastic.model.config import PRESETS, preset
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"output file {args.out!r} already exists; choose a new path or pass --overwrite")
+    if args.model in PRESETS:
+        config = preset(args.model)
+    else:
+        from megatron_elastic.config.loader import _parent_model
+
+        config = _parent_model(args.model)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but no CUDA device is available; use --device cpu")
+    from megatron_elastic.elastic.costs import profile_latency
+
+    print(f"[profile] timing one layer of each type at each width ({''.join(sorted(set(config.layer_types)))}), "
+          f"batch {args.batch} x seq {args.seq_len} on {args.device}", flush=True)  # fmt: skip
+    table = profile_latency(config, None if args.device == "auto" else args.device, args.seq_len, args.batch,
+                            repeats=args.repeats)  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(table, f, indent=2, default=str)
+    os.replace(tmp, out)
+    print(f"[profile] latency table -> {out} (use it with elastic.cost=latency elastic.latency_table={out})")
+    return 0
+
+
 # ---------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from megatron_elastic.demo import run_demo
@@ -383,6 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--format", choices=("native", "hf"), default="native", help="output format")
     ext.add_argument("--overwrite", action="store_true", help="replace existing output directories")
     ext.set_defaults(func=cmd_extract)
+
+    prof = sub.add_parser("profile", help="measure a per-layer latency table on this device (for elastic.cost=latency)")
+    prof.add_argument("model", help="preset name or model directory")
+    prof.add_argument("--out", required=True, help="JSON file to write")
+    prof.add_argument("--seq-len", type=int, default=512)
+    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--repeats", type=int, default=5)
+    prof.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    prof.add_argument("--overwrite", action="store_true")
+    prof.set_defaults(func=cmd_profile)
 
     train = sub.add_parser("train", help="train a parent model from a YAML recipe (resumes an existing run_dir)")
     train.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")

@@ -7,12 +7,12 @@ outputs; ``hidden`` and ``depth`` are always global). Axes with a single choice 
 act on) get no network: their probability is constant one-hot.
 
 Logits are bounded: ``z = logit_bound * cos(h, w_j)``, the cosine between the hidden vector and
-row ``j`` of the second layer. Plain linear logits (``logit_bound=None``) grow by about
-``lr * hidden`` per Adam step at the router's ~1e-2 learning rate; within a few dozen steps the
-softmax saturates, the cost gradient vanishes and whatever choice the router holds (in budget or
-not) freezes. With bounded logits the annealed ``scale / tau`` alone decides how peaked the
-distribution gets. The second-layer weights start N(0, ``init_std``), so the initial choice is a
-random, not uniform, preference.
+row ``j`` of the second layer. Plain linear logits (``logit_bound=None``) grow with every Adam
+step, faster the higher the router's learning rate (100x the model's); once they are large the
+softmax saturates, the cost gradient vanishes and whatever choice the router holds, in budget or
+not, freezes before the schedule meant it to. With bounded logits the annealed ``scale / tau``
+alone decides how peaked the distribution gets. Weights start N(0, ``init_std``), so the initial
+choice is a random, not uniform, preference.
 
 Sampling is Gumbel-softmax, ``p = softmax((scale * z + g) / tau)`` with ``g`` Gumbel noise from the
 caller's ``torch.Generator`` (so a seed reproduces a sample on every rank); ``tau`` anneals

@@ -250,3 +250,15 @@ def test_tools_scripts(native_dir, tmp_path):
                         str(tmp_path / "hf")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_profile_writes_a_latency_table(cli_exe, tmp_path):
+    out = tmp_path / "latency.json"
+    r = run(cli_exe, "profile", "tiny", "--out", str(out), "--seq-len", "16", "--repeats", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    table = json.loads(out.read_text())
+    assert table["hidden_size"] == 128
+    for kind in ("M", "*", "-"):
+        assert table[kind] and all(v > 0 for v in table[kind].values())
+    r = run(cli_exe, "profile", "tiny", "--out", str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr
