@@ -260,6 +260,7 @@ def _elastic_inputs(cfg):
 
 # ---------------------------------------------------------------------- extract
 def cmd_extract(args) -> int:
+    import json
     import time
 
     from megatron_elastic.elastic import Architecture, child_config, extract
@@ -306,7 +307,7 @@ def cmd_extract(args) -> int:
     for key, (arch, child_cfg) in plans.items():
         t0 = time.perf_counter()
         child = extract(parent, arch).eval()
-        extra = {"architecture.json": __import__("json").dumps(arch.to_dict(), indent=2) + "\n"}
+        extra = {"architecture.json": json.dumps(arch.to_dict(), indent=2) + "\n"}
         if args.format == "hf":
             from megatron_elastic.convert.hf import save_hf
 

@@ -6,6 +6,7 @@ Every user error must print exactly one line on stderr, exit with code 2 and wri
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,7 +242,7 @@ def test_tools_scripts(native_dir, tmp_path):
 
     from megatron_elastic.model import num_parameters
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, str(root / "tools" / "inspect_checkpoint.py"), str(native_dir)],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
