@@ -9,6 +9,13 @@ _EXPORTS = {
         "AXES", "Architecture", "Axis", "LayerArch", "axes_of", "child_config", "full_architecture", "hard_state",
         "homogeneous", "layer_axes", "validate_architecture",
     )},
+    "ElasticSpace": "megatron_elastic.elastic.search_space",
+    "Router": "megatron_elastic.elastic.router",
+    "tau_at": "megatron_elastic.elastic.router",
+    "scale_at": "megatron_elastic.elastic.router",
+    "Cost": "megatron_elastic.elastic.costs",
+    "router_loss": "megatron_elastic.elastic.costs",
+    "BudgetSampler": "megatron_elastic.elastic.sampler",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)
