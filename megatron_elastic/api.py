@@ -9,6 +9,35 @@ import torch
 from megatron_elastic.errors import CheckpointError
 
 
+def model_format(path: str | Path) -> str | None:
+    """'native', 'hf' (a nemotron_h directory) or None."""
+    from megatron_elastic.convert.hf import is_hf_dir
+    from megatron_elastic.convert.native import is_native_dir
+
+    path = Path(path)
+    if is_native_dir(path):
+        return "native"
+    return "hf" if is_hf_dir(path) else None
+
+
+def read_model_config(path: str | Path, *, what: str = "checkpoint"):
+    """The :class:`HybridConfig` of a native or Hugging Face model directory, without reading weights."""
+    from megatron_elastic.convert.hf import config_from_hf
+    from megatron_elastic.convert.native import read_native_config
+    from megatron_elastic.utils.io import read_json
+
+    path = Path(path)
+    fmt = model_format(path)
+    if fmt == "native":
+        return read_native_config(path)
+    if fmt == "hf":
+        return config_from_hf(read_json(path / "config.json", "Hugging Face config"), src=str(path))
+    raise CheckpointError(
+        f"{what} {str(path)!r} is not a native or Hugging Face model directory (no megatron_elastic.json, "
+        "no nemotron_h config.json); point at a model directory"
+    )
+
+
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = torch.float32):
     """Load a native megatron-elastic directory or a Hugging Face ``nemotron_h`` directory.
 
@@ -16,15 +45,16 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = torch.float
     LongTensor ``(batch, length)`` to float logits ``(batch, length, vocab)``. ``dtype=None`` keeps
     the stored dtype.
     """
-    from megatron_elastic.convert.hf import is_hf_dir, load_hf
-    from megatron_elastic.convert.native import is_native_dir, load_native
+    from megatron_elastic.convert.hf import load_hf
+    from megatron_elastic.convert.native import load_native
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is not a directory; give a native or Hugging Face model directory")
-    if is_native_dir(path):
+    fmt = model_format(path)
+    if fmt == "native":
         model = load_native(path, dtype=dtype)
-    elif is_hf_dir(path):
+    elif fmt == "hf":
         model = load_hf(path, dtype=dtype)
     elif (path / "config.json").is_file():
         raise CheckpointError(

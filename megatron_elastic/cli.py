@@ -61,21 +61,16 @@ def cmd_info(args) -> int:
     if args.target in PRESETS:
         config, what = preset(args.target), f"preset {args.target!r}"
     else:
-        from megatron_elastic.convert.hf import config_from_hf, is_hf_dir
-        from megatron_elastic.convert.native import is_native_dir, read_native_config
-        from megatron_elastic.utils.io import read_json
+        from megatron_elastic.api import model_format, read_model_config
 
-        path = Path(args.target)
-        if is_native_dir(path):
-            config, what = read_native_config(path), f"native model {args.target}"
-        elif is_hf_dir(path):
-            config = config_from_hf(read_json(path / "config.json", "Hugging Face config"), src=str(path))
-            what = f"Hugging Face nemotron_h model {args.target}"
-        else:
+        fmt = model_format(args.target)
+        if fmt is None:
             raise UserError(
                 f"{args.target!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory; "
                 "give a preset name or a native / Hugging Face model directory"
             )
+        config = read_model_config(args.target)
+        what = f"native model {args.target}" if fmt == "native" else f"Hugging Face nemotron_h model {args.target}"
     print(f"{what}: pattern {''.join(config.layer_types)} ({config.num_layers} layers), hidden {config.hidden_size}")
     print(parameter_table(config, per_layer=args.per_layer))
     return 0
@@ -115,6 +110,17 @@ def _depth_order(ckpt: Path, explicit: str | None) -> list[int]:
                     "inside the checkpoint, or --ranking FILE); or name the layers with --drop-layers")  # fmt: skip
 
 
+def _save_model(model, dst, fmt: str, *, overwrite: bool, side_files_from: Path, extra: dict) -> None:
+    if fmt == "hf":
+        from megatron_elastic.convert.hf import save_hf
+
+        save_hf(model, dst, overwrite=overwrite, side_files_from=side_files_from, extra_files=extra)
+    else:
+        from megatron_elastic.convert.native import save_native
+
+        save_native(model, dst, overwrite=overwrite, side_files_from=side_files_from, extra_files=extra)
+
+
 def cmd_prune(args) -> int:
     import json
 
@@ -126,18 +132,10 @@ def cmd_prune(args) -> int:
     _check_output(args.out, args.overwrite)
     if args.layers is not None and args.drop_layers:
         raise UserError("give either --layers N or --drop-layers, not both")
-    from megatron_elastic.convert.hf import config_to_hf, is_hf_dir
-    from megatron_elastic.convert.native import is_native_dir, read_native_config
-    from megatron_elastic.utils.io import read_json
+    from megatron_elastic.api import read_model_config
+    from megatron_elastic.convert.hf import config_to_hf
 
-    if is_native_dir(ckpt):
-        cfg = read_native_config(ckpt)
-    elif is_hf_dir(ckpt):
-        from megatron_elastic.convert.hf import config_from_hf
-
-        cfg = config_from_hf(read_json(ckpt / "config.json", "Hugging Face config"), src=str(ckpt))
-    else:
-        raise UserError(f"checkpoint {args.checkpoint!r} is not a native or Hugging Face model directory")
+    cfg = read_model_config(ckpt)
     axes = axes_of(cfg)
     sizes = {}
     for name, flag, groups in (("hidden", "--hidden", 1), ("ffn", "--ffn", 1), ("attn_heads", "--attn-heads", cfg.num_query_groups),
@@ -158,14 +156,7 @@ def cmd_prune(args) -> int:
     model = load_pretrained(ckpt, dtype=None)
     child = extract(model, arch).eval()
     extra = {"architecture.json": json.dumps(arch.to_dict(), indent=2) + "\n"}
-    if args.format == "hf":
-        from megatron_elastic.convert.hf import save_hf
-
-        save_hf(child, args.out, overwrite=args.overwrite, side_files_from=ckpt, extra_files=extra)
-    else:
-        from megatron_elastic.convert.native import save_native
-
-        save_native(child, args.out, overwrite=args.overwrite, side_files_from=ckpt, extra_files=extra)
+    _save_model(child, args.out, args.format, overwrite=args.overwrite, side_files_from=ckpt, extra=extra)
     parent_n, child_n = sum(num_parameters(cfg).values()), sum(num_parameters(child_cfg).values())
     print(f"pruned {args.checkpoint} ({parent_n:,} parameters, pattern {''.join(cfg.layer_types)}) -> {args.out} "
           f"({child_n:,} parameters = {100 * child_n / parent_n:.1f}%, pattern {child_cfg.pattern}, "
@@ -214,18 +205,10 @@ def _elastic_inputs(cfg):
     import dataclasses
     import json
 
-    from megatron_elastic.convert.hf import config_from_hf, is_hf_dir
-    from megatron_elastic.convert.native import is_native_dir, read_native_config
-    from megatron_elastic.utils.io import read_json
+    from megatron_elastic.api import read_model_config
 
     parent = Path(cfg.elastic.parent)
-    if is_native_dir(parent):
-        model_cfg = read_native_config(parent)
-    elif is_hf_dir(parent):
-        model_cfg = config_from_hf(read_json(parent / "config.json", "Hugging Face config"), src=str(parent))
-    else:
-        raise UserError(f"elastic.parent={str(parent)!r} is not a native or Hugging Face model directory; "
-                        "give the parent written by `megatron-elastic importance` (DIR/parent)")  # fmt: skip
+    model_cfg = read_model_config(parent, what="elastic.parent")
     ranking = Path(cfg.elastic.ranking) if cfg.elastic.ranking else None
     if ranking is None:
         for candidate in (parent / "ranking.json", parent.parent / "ranking.json"):
@@ -308,14 +291,7 @@ def cmd_extract(args) -> int:
         t0 = time.perf_counter()
         child = extract(parent, arch).eval()
         extra = {"architecture.json": json.dumps(arch.to_dict(), indent=2) + "\n"}
-        if args.format == "hf":
-            from megatron_elastic.convert.hf import save_hf
-
-            save_hf(child, targets[key], overwrite=args.overwrite, side_files_from=ckpt, extra_files=extra)
-        else:
-            from megatron_elastic.convert.native import save_native
-
-            save_native(child, targets[key], overwrite=args.overwrite, side_files_from=ckpt, extra_files=extra)
+        _save_model(child, targets[key], args.format, overwrite=args.overwrite, side_files_from=ckpt, extra=extra)
         n = child.num_parameters()
         c = child_cfg
         print(f"{key:>8}{n:>14,}{100 * n / total:>9.1f}%  {c.pattern} d={c.hidden_size} ffn={c.ffn_hidden_size} "
@@ -338,9 +314,9 @@ def cmd_profile(args) -> int:
     if args.model in PRESETS:
         config = preset(args.model)
     else:
-        from megatron_elastic.config.loader import _parent_model
+        from megatron_elastic.api import read_model_config
 
-        config = _parent_model(args.model)
+        config = read_model_config(args.model, what="model")
     if args.device == "cuda":
         import torch
 

@@ -115,17 +115,9 @@ def _build(cls, data: dict, section: str, base: dict | None = None):
 
 
 def _parent_model(path: str) -> HybridConfig:
-    from megatron_elastic.convert.hf import config_from_hf, is_hf_dir
-    from megatron_elastic.convert.native import is_native_dir, read_native_config
-    from megatron_elastic.utils.io import read_json
+    from megatron_elastic.api import read_model_config
 
-    p = Path(path)
-    if is_native_dir(p):
-        return read_native_config(p)
-    if is_hf_dir(p):
-        return config_from_hf(read_json(p / "config.json", "Hugging Face config"), src=str(p))
-    raise ConfigError(f"elastic.parent={path!r} is not a native or Hugging Face model directory; give the parent "
-                      "written by `megatron-elastic importance` (DIR/parent)")  # fmt: skip
+    return read_model_config(path, what="elastic.parent")
 
 
 def config_from_dict(raw: dict) -> RunConfig:

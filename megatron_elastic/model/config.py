@@ -267,19 +267,23 @@ class HybridConfig:
             mamba_state_dim=self.mamba_state_dim,
         )
 
+    def _model_wide_dims(self) -> "LayerDims":
+        return LayerDims(kind=MAMBA, ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
+                         mamba_num_heads=self.mamba_num_heads, mamba_head_dim=self.mamba_head_dim,
+                         mamba_num_groups=self.mamba_num_groups, mamba_state_dim=self.mamba_state_dim)  # fmt: skip
+
     @property
     def mamba_d_inner(self) -> int:
-        return self.mamba_num_heads * self.mamba_head_dim
+        """Model-wide Mamba width (a heterogeneous layer's own: ``layer_dims(i).mamba_d_inner``)."""
+        return self._model_wide_dims().mamba_d_inner
 
     @property
     def mamba_conv_dim(self) -> int:
-        # conv1d covers [x, B, C] = [d_inner, G*N, G*N]
-        return self.mamba_d_inner + 2 * self.mamba_num_groups * self.mamba_state_dim
+        return self._model_wide_dims().mamba_conv_dim
 
     @property
     def mamba_in_proj_dim(self) -> int:
-        # in_proj -> [z, x, B, C, dt] = [d_inner, d_inner, G*N, G*N, H]
-        return 2 * self.mamba_d_inner + 2 * self.mamba_num_groups * self.mamba_state_dim + self.mamba_num_heads
+        return self._model_wide_dims().mamba_in_proj_dim
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
