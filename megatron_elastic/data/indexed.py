@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_elastic.errors import UserError
+from megatron_elastic.utils.io import fsync_path
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 # megatron-core's DType codes.
@@ -80,14 +81,6 @@ def exists(prefix: str | os.PathLike) -> bool:
 
 
 # ---------------------------------------------------------------------- writing
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def atomic_files(paths: list[Path]):
     """Yield one temporary path per target; on success rename them all into place, else delete them.
@@ -102,12 +95,12 @@ def atomic_files(paths: list[Path]):
     try:
         yield tmps
         for t in tmps:
-            _fsync(t)
+            fsync_path(t)
         # .bin before .idx: a reader checks for the pair, and the index is what names the tokens.
         for t, p in zip(tmps, paths):
             os.replace(t, p)
         for parent in {p.parent for p in paths}:
-            _fsync(parent)
+            fsync_path(parent)
     except BaseException:
         for t in tmps:
             t.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ import torch
 
 from megatron_elastic.convert.native import WEIGHTS_FILE, load_state_into, read_native_config
 from megatron_elastic.errors import CheckpointError
-from megatron_elastic.utils.io import atomic_directory, load_safetensors, read_json, write_json
+from megatron_elastic.utils.io import atomic_directory, fsync_path, load_safetensors, read_json, write_json
 
 LATEST = "latest"
 FILES = ("megatron_elastic.json", WEIGHTS_FILE, "optimizer.pt", "trainer_state.json", "rng.pt", "config.yaml")
@@ -60,11 +60,7 @@ def _write_pointer(ckpt_root: Path, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, ckpt_root / LATEST)
-    fd = os.open(ckpt_root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(ckpt_root)
 
 
 def save_checkpoint(ckpt_root: Path, *, step: int, model, optimizer, trainer_state: dict, config_yaml: str,

@@ -14,19 +14,20 @@ import torch
 from megatron_elastic.errors import CheckpointError, UserError
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 @contextlib.contextmanager
@@ -52,11 +53,7 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
             shutil.rmtree(old)
         else:
             os.rename(tmp, dst)
-        fd = os.open(dst.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
