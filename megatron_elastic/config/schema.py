@@ -7,6 +7,7 @@ A YAML recipe has the sections ``model``, ``data``, ``train`` and ``tracking`` (
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from megatron_elastic.errors import ConfigError
@@ -137,16 +138,22 @@ class TrackingConfig:
                 raise ConfigError(f"tracking.backends contains {b!r}; use console and/or mlflow")
 
 
-def _fractions(section: str, name: str, values, *, must_have_one: bool = True) -> None:
-    if not isinstance(values, list) or not values:
-        raise ConfigError(f"{section}.{name}={values!r} is invalid; give a list of fractions such as [1.0, 0.75, 0.5]")
+def check_fractions(key: str, values, *, item: str = "entry", full: str = "the parent's own size") -> list[float]:
+    """``values`` as floats, or a one-line ConfigError unless they are fractions in (0, 1], unique,
+    sorted largest first (nested) and starting with 1.0. ``key`` names the setting in messages;
+    ``item`` and ``full`` word them (e.g. "budget", "the full model")."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        what = "fractions of the parent" if item == "budget" else "a list of fractions"
+        raise ConfigError(f"{key}={values!r} is invalid; give {what} such as [1.0, 0.75, 0.5]")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
-            raise ConfigError(f"{section}.{name} contains {v!r}; every entry must be a fraction in (0, 1]")
+            raise ConfigError(f"{key} contains {v!r}; every {item} must be a fraction in (0, 1]")
+    values = [float(v) for v in values]
     if values != sorted(set(values), reverse=True):
-        raise ConfigError(f"{section}.{name}={values} must be unique and sorted largest first (nested); sort them")
-    if must_have_one and values[0] != 1.0:
-        raise ConfigError(f"{section}.{name}={values} must start with 1.0 (the full size)")
+        raise ConfigError(f"{key}={values} must be unique and sorted largest first (nested sizes); sort them")
+    if values[0] != 1.0:
+        raise ConfigError(f"{key}={values} must start with 1.0 ({full}); add 1.0")
+    return values
 
 
 @dataclass(kw_only=True)
@@ -215,7 +222,8 @@ class ElasticConfig:
 
     def validate(self) -> None:
         for name in ("budgets", "hidden", "ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "depth"):
-            _fractions("elastic", name, getattr(self, name))
+            check_fractions(f"elastic.{name}", getattr(self, name),
+                            full="the full model" if name == "budgets" else "the parent's own size")  # fmt: skip
         if self.cost not in ("params", "memory", "latency"):
             raise ConfigError(f"elastic.cost={self.cost!r} is invalid; use params, memory or latency")
         if self.cost == "latency" and not self.latency_table:

@@ -19,26 +19,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megatron_elastic.config.schema import check_fractions
 from megatron_elastic.errors import ConfigError
 
 
 def check_budgets(budgets: Sequence[float]) -> list[float]:
     """Budgets as floats, or ConfigError unless they are fractions in (0, 1], unique, sorted largest
     first, the first 1.0 (the full model)."""
-    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence) or not budgets:
-        raise ConfigError(
-            f"elastic.budgets={budgets!r} is invalid; give fractions of the parent such as [1.0, 0.75, 0.5]"
-        )
-    for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b <= 1.0:
-            raise ConfigError(f"elastic.budgets contains {b!r}; every budget must be a fraction in (0, 1]")
-    budgets = [float(b) for b in budgets]
-    if budgets != sorted(set(budgets), reverse=True):
-        raise ConfigError(f"elastic.budgets={budgets} must be unique and sorted largest first; sort them")
-    if budgets[0] != 1.0:
-        raise ConfigError(f"elastic.budgets={budgets} must start with 1.0 (the full model); add 1.0")
-    return budgets
-
+    return check_fractions("elastic.budgets", budgets, item="budget", full="the full model")
 
 def _weights(name: str, weights: Sequence[float] | None, n: int) -> np.ndarray:
     if weights is None:

@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from megatron_elastic.config.schema import check_fractions
 from megatron_elastic.elastic.space import AXES, WIDTH_AXES, Architecture, Axis, LayerArch, axes_of
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, HybridConfig
@@ -51,20 +52,6 @@ _SHAPE_FIELDS = (
     "mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim", "mamba_conv_kernel",
     "mamba_conv_bias", "mamba_proj_bias", "mlp_bias", "tie_embeddings",
 )  # fmt: skip
-
-
-def _check_fractions(name: str, values) -> list[float]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ConfigError(f"elastic.{name}={values!r} is invalid; give a list of fractions such as [1.0, 0.75, 0.5]")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
-            raise ConfigError(f"elastic.{name} contains {v!r}; every entry must be a fraction in (0, 1]")
-    values = [float(v) for v in values]
-    if values != sorted(set(values), reverse=True):
-        raise ConfigError(f"elastic.{name}={values} must be unique and sorted largest first (nested sizes); sort them")
-    if values[0] != 1.0:
-        raise ConfigError(f"elastic.{name}={values} must start with 1.0 (the parent's own size); add 1.0")
-    return values
 
 
 def _round_down(fraction: float, full: int, unit: int) -> int:
@@ -92,7 +79,7 @@ class ElasticSpace:
         _check_options(config, multiple_of)
         fractions = {"hidden": hidden, "ffn": ffn, "attn_heads": attn_heads, "mamba_heads": mamba_heads,
                      "mamba_head_dim": mamba_head_dim, "depth": depth}  # fmt: skip
-        fractions = {name: _check_fractions(name, values) for name, values in fractions.items()}
+        fractions = {name: check_fractions(f"elastic.{name}", values) for name, values in fractions.items()}
         units = _units(config, multiple_of)
         full = {name: axis.full for name, axis in axes_of(config).items()}
         sizes: dict[str, list[int]] = {}
