@@ -32,8 +32,12 @@ setup(
     extras_require={
         # CUDA-only kernels; install with --no-build-isolation on a machine with CUDA and torch.
         "gpu": ["mamba-ssm>=2.2", "causal-conv1d>=1.4", "transformer-engine[pytorch]>=2.0"],
-        "mlflow": ["mlflow>=3.0,<4"],
-        "test": ["pytest>=8", "transformers==5.24.0", "mlflow==3.17.2"],
+        "mlflow": ["mlflow>=3.0,<4", "matplotlib>=3.7"],
+        "slurm": ["submitit>=1.5"],
+        # Post-training quantization of extracted budgets (calibration runs on CPU; NVFP4 needs CUDA).
+        "deploy": ["nvidia-modelopt>=0.40"],
+        "test": ["pytest>=8", "transformers==5.24.0", "mlflow==3.17.2", "matplotlib==3.11.2", "submitit==1.5.4",
+                 "nvidia-modelopt==0.47.0"],
     },
     entry_points={"console_scripts": ["megatron-elastic=megatron_elastic.cli:main"]},
 )
