@@ -42,8 +42,26 @@ class HybridBlock(nn.Module):
             out = out * keep
         return hidden_BLD + out
 
+    def forward_cached(self, hidden_BLD: torch.Tensor, state=None):
+        """``forward`` continued from the mixer's decoding state; returns (output, new state).
+        Stateless mixers (MLP) keep ``None``."""
+        normed = self.norm(hidden_BLD)
+        step = getattr(self.mixer, "forward_cached", None)
+        if step is None:
+            return hidden_BLD + self.mixer(normed), None
+        out, state = step(normed, state)
+        return hidden_BLD + out, state
+
     def extra_repr(self) -> str:
         return f"type={LAYER_NAMES[self.layer_type]}"
+
+
+class OutputHead(nn.Module):
+    """logits = hidden @ weight^T in fp32 (weight: the output layer's, or the embedding's when tied).
+    A module of its own so that tensor parallelism swaps in a vocabulary-parallel head."""
+
+    def forward(self, hidden_BLD: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden_BLD, weight).float()
 
 
 class HybridLM(nn.Module):
@@ -57,6 +75,7 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleList(HybridBlock(config, i, mixers) for i in range(config.num_layers))
         self.final_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.output_layer = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = OutputHead()
         if init:
             self.reset_parameters()
 
@@ -77,7 +96,28 @@ class HybridLM(nn.Module):
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, hidden_mask, None if elastic is None else elastic.layer(i))
         hidden = self.final_norm(hidden, hidden_mask)
-        return nn.functional.linear(hidden, self.output_weight()).float()
+        return self.head(hidden, self.output_weight())
+
+    def new_cache(self):
+        """An empty :class:`~megatron_elastic.model.cache.InferenceCache` for :meth:`forward_cached`."""
+        from megatron_elastic.model.cache import InferenceCache
+
+        return InferenceCache.empty(len(self.layers))
+
+    def forward_cached(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (b, L, vocab) of ``tokens`` (b, L) continuing the sequence held by ``cache``, which
+        is advanced past them. A prompt and then one token at a time give what one ``forward`` over
+        the whole sequence gives. No elastic masks: decode an extracted or view child instead."""
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor of shape (batch, length); got {tuple(tokens.shape)} {tokens.dtype}")
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"cache has {len(cache.layers)} layer entries for {len(self.layers)} layers; use model.new_cache()")
+        hidden = self.embedding(tokens)
+        for i, layer in enumerate(self.layers):
+            hidden, cache.layers[i] = layer.forward_cached(hidden, cache.layers[i])
+        cache.seq_len += tokens.shape[1]
+        hidden = self.final_norm(hidden)
+        return self.head(hidden, self.output_weight())
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

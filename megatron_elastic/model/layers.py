@@ -129,6 +129,47 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(b, L, self.d_inner), z, self.channel_mask(mask))
         return self.out_proj(y.to(hidden_BLD.dtype))
 
+    def forward_cached(self, hidden_BLD: torch.Tensor, state=None):
+        """``forward`` continued from a decoding ``state`` (:class:`~megatron_elastic.model.cache.MambaState`,
+        None at the start of a sequence). Returns (output, state after the last token). No masks:
+        incremental decoding runs standalone (extracted or view) children. Pure-PyTorch path on every device.
+        """
+        from megatron_elastic.model.cache import MambaState
+        from megatron_elastic.model.ssd import ssd_chunked
+
+        b, L, _ = hidden_BLD.shape
+        K = self.conv1d.weight.shape[-1]
+        zxbcdt = self.in_proj(hidden_BLD)
+        z, xBC, dt_raw = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        # The conv window: the K-1 previous inputs (zeros at the start, as the conv's left padding).
+        prev = xBC.new_zeros(b, K - 1, self.conv_dim) if state is None else state.conv.to(xBC.dtype)
+        conv_in = torch.cat([prev, xBC], dim=1)  # (b, K-1+L, conv_dim)
+        weight = self.conv1d.weight.reshape(self.conv_dim, K)
+        xBC = kernels.causal_conv1d_silu_bld(conv_in, weight, self.conv1d.bias, "torch")[:, K - 1:]
+        conv_state = conv_in[:, conv_in.shape[1] - (K - 1):].clone()  # clone: do not pin the prompt's buffer
+        gn = self.num_groups * self.state_dim
+        x, B, C = xBC.split([self.d_inner, gn, gn], dim=-1)
+        x = x.reshape(b, L, self.num_heads, self.head_dim)
+        B = B.reshape(b, L, self.num_groups, self.state_dim)
+        C = C.reshape(b, L, self.num_groups, self.state_dim)
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float()).clamp(min=self.dt_limit[0], max=self.dt_limit[1])  # (b, L, H)
+        A = -torch.exp(self.A_log.float())
+        ssm = None if state is None else state.ssm
+        if L == 1:  # one recurrence step: h = exp(dt A) h + dt x B^T,  y = h C + D x
+            if ssm is None:
+                ssm = x.new_zeros(b, self.num_heads, self.head_dim, self.state_dim, dtype=torch.float32)
+            r = self.num_heads // self.num_groups
+            Bh = B[:, 0].float().repeat_interleave(r, dim=1)  # (b, H, N): head j reads group j // r
+            Ch = C[:, 0].float().repeat_interleave(r, dim=1)
+            dt0, x0 = dt[:, 0], x[:, 0].float()  # (b, H), (b, H, P)
+            ssm = ssm * torch.exp(dt0 * A)[..., None, None] + (dt0[..., None] * x0)[..., None] * Bh[:, :, None, :]
+            y = (torch.matmul(ssm, Ch[..., None]).squeeze(-1) + self.D.float()[:, None] * x0)[:, None]  # (b, 1, H, P)
+        else:
+            y, ssm = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D, initial_state=ssm,
+                                 return_final_state=True)  # fmt: skip
+        y = self.norm(y.reshape(b, L, self.d_inner), z)
+        return self.out_proj(y.to(hidden_BLD.dtype)), MambaState(conv=conv_state, ssm=ssm)
+
 
 class Attention(nn.Module):
     """Causal grouped-query self-attention, no positional encoding (order comes from the Mamba layers)."""
@@ -156,6 +197,28 @@ class Attention(nn.Module):
         if mask is not None and mask.attn_heads is not None:  # heads are independent: mask their outputs
             out = out * mask.attn_heads.to(out.dtype)[None, :, None, None]
         return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
+
+    def forward_cached(self, hidden_BLD: torch.Tensor, state=None):
+        """``forward`` continued from a :class:`~megatron_elastic.model.cache.KVCache` (None at the
+        start). Returns (output, cache with this call's keys and values appended). No masks."""
+        from megatron_elastic.model.cache import KVCache
+
+        b, L, _ = hidden_BLD.shape
+        q = self.q_proj(hidden_BLD).view(b, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_BLD).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_BLD).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        past = 0
+        if state is not None:
+            past = state.k.shape[2]
+            k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)  # (b, kv_heads, past + L, hd)
+        mask = None
+        if L > 1 and past > 0:  # query i sits at position past + i and sees keys 0 .. past + i
+            mask = torch.ones(L, past + L, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=L > 1 and past == 0, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # (b, heads, L, head_dim); a single query sees every cached key
+        out = self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
+        return out, KVCache(k=k, v=v)
 
 
 class MLP(nn.Module):
