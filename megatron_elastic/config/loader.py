@@ -14,12 +14,20 @@ from pathlib import Path
 
 import yaml
 
-from megatron_elastic.config.schema import DataConfig, DistillConfig, ElasticConfig, RunConfig, TrackingConfig, TrainConfig
+from megatron_elastic.config.schema import (
+    DataConfig,
+    DistillConfig,
+    ElasticConfig,
+    ParallelConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import HybridConfig, preset
 
 SECTIONS = {"model": HybridConfig, "data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig,
-            "elastic": ElasticConfig, "distill": DistillConfig}  # fmt: skip
+            "elastic": ElasticConfig, "distill": DistillConfig, "parallel": ParallelConfig}  # fmt: skip
 OPTIONAL_SECTIONS = ("elastic", "distill")
 TOP_LEVEL = set(SECTIONS) | {"run_dir"}
 
@@ -140,6 +148,7 @@ def config_from_dict(raw: dict) -> RunConfig:
         run_dir=_coerce("run_dir", raw.get("run_dir", "runs/default"), str),
         elastic=_build(ElasticConfig, raw["elastic"] or {}, "elastic") if "elastic" in raw else None,
         distill=_build(DistillConfig, raw["distill"] or {}, "distill") if "distill" in raw else None,
+        parallel=_build(ParallelConfig, raw.get("parallel") or {}, "parallel"),
     )
     cfg.validate()
     return cfg

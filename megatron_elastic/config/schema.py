@@ -129,8 +129,18 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: str = ""
     """MLflow run name; empty = the run directory's name."""
+    mlflow_timeout_s: int = 10
+    """Seconds one MLflow HTTP request may take (no retries inside MLflow): a dead server costs this, not minutes."""
+    mlflow_retry_s: float = 30.0
+    """After a failed MLflow call, records are spooled and the server is tried again after this many
+    seconds (doubling up to 10x while it stays down)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for the MFU estimate; 0 = known GPUs (A100, H100, H200), none on CPU."""
 
     def validate(self) -> None:
+        if self.mlflow_timeout_s < 1 or self.mlflow_retry_s < 0 or self.peak_tflops < 0:
+            raise ConfigError(f"tracking: mlflow_timeout_s={self.mlflow_timeout_s} must be >= 1, mlflow_retry_s="
+                              f"{self.mlflow_retry_s} and peak_tflops={self.peak_tflops} >= 0; fix them")  # fmt: skip
         if not isinstance(self.backends, list) or not self.backends:
             raise ConfigError(f"tracking.backends={self.backends!r} is invalid; give a list, e.g. [console, mlflow]")
         for b in self.backends:
@@ -284,6 +294,60 @@ class DistillConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    """How one model replica is split over processes (megatron-core tensor / pipeline / data parallel)."""
+
+    tp: int = 1
+    """Tensor-parallel size: layers split by heads / neurons / vocabulary over this many ranks."""
+    pp: int = 1
+    """Pipeline-parallel size: the layer list cut into this many stages ('|' in the pattern, else balanced)."""
+    dp: int = 0
+    """Data-parallel size; 0 = derived as world_size / (tp * pp). A non-zero value is checked against it."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside tensor-parallel groups (needs tp > 1)."""
+    backend: str = "auto"
+    """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    fp8: bool = False
+    """FP8 GEMMs (Transformer Engine layers, CUDA only) in every layer but the first and last fp8_bf16_layers."""
+    fp8_format: str = "hybrid"
+    """'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3'."""
+    fp8_recipe: str = "delayed"
+    """'delayed' (amax history) or 'tensorwise' (current per-tensor scaling)."""
+    fp8_amax_history_len: int = 1024
+    """Steps of amax history of the delayed recipe."""
+    fp8_amax_compute_algo: str = "max"
+    """'max' of the amax history or 'most_recent'."""
+    fp8_margin: int = 0
+    """FP8 scale margin (powers of two)."""
+    fp8_bf16_layers: int = 1
+    """First and last layers kept in bf16 (as Nemotron-H does)."""
+
+    def validate(self) -> None:
+        _positive_int("parallel", self, "tp", "pp")
+        from megatron_elastic.parallel.fp8 import FP8Config
+
+        FP8Config.from_parallel(self)  # validates the fp8_* keys (one-line ConfigError)
+        if isinstance(self.dp, bool) or not isinstance(self.dp, int) or self.dp < 0:
+            raise ConfigError(f"parallel.dp={self.dp!r} is invalid; give a positive integer or 0 (derived from the world size)")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"parallel.backend={self.backend!r} is invalid; use auto, nccl or gloo")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; raise tp or turn it off")
+
+    def resolve_dp(self, world_size: int) -> int:
+        """The data-parallel size for ``world_size`` processes (ConfigError when they do not tile)."""
+        model = self.tp * self.pp
+        if world_size % model:
+            raise ConfigError(f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = {model}; "
+                              "launch a multiple of tp * pp processes or change tp / pp")  # fmt: skip
+        dp = world_size // model
+        if self.dp and self.dp != dp:
+            raise ConfigError(f"parallel.dp={self.dp} but {world_size} processes / (tp {self.tp} x pp {self.pp}) = {dp}; "
+                              "set parallel.dp=0 (derived) or launch tp * pp * dp processes")  # fmt: skip
+        return dp
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A whole run: model shape, data, optimisation, tracking and where outputs go."""
 
@@ -301,11 +365,14 @@ class RunConfig:
     """Present = elastic nested distillation from elastic.parent (absent = plain pretraining)."""
     distill: DistillConfig | None = None
     """Distillation settings of an elastic run (defaults when absent)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline / data parallel layout (used by launch/train.py; single process ignores it)."""
 
     def validate(self) -> None:
         self.data.validate()
         self.train.validate()
         self.tracking.validate()
+        self.parallel.validate()
         if self.distill is not None and self.elastic is None:
             raise ConfigError("a distill section needs an elastic section (elastic.parent, elastic.budgets)")
         if self.elastic is not None:
@@ -338,6 +405,7 @@ class RunConfig:
             "train": dataclasses.asdict(self.train),
             "tracking": dataclasses.asdict(self.tracking),
             "run_dir": self.run_dir,
+            "parallel": dataclasses.asdict(self.parallel),
         }
         if self.elastic is not None:
             out["elastic"] = dataclasses.asdict(self.elastic)

@@ -185,6 +185,20 @@ class Trainer:
         """Validation metrics; ``val_loss`` is the headline number."""
         return {"val_loss": self.evaluate()}
 
+    def flops_per_token(self) -> float:
+        """Model FLOPs of one training token (forward + backward = 3x forward)."""
+        from megatron_elastic.tracking.perf import forward_flops_per_token
+
+        return 3 * forward_flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+
+    def throughput_metrics(self, tokens_per_s: float) -> dict[str, float]:
+        """Achieved TFLOP/s, the MFU estimate and memory, logged with tokens_per_s (tracker only)."""
+        from megatron_elastic.tracking.perf import throughput_metrics
+
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return throughput_metrics(tokens_per_s, self.flops_per_token(), device=self.device, num_devices=world,
+                                  configured_tflops=self.cfg.tracking.peak_tflops)  # fmt: skip
+
     def step_metrics(self) -> dict[str, float]:
         """One optimizer step; returns at least loss, grad_norm and lr."""
         loss, grad_norm, lr = self.train_step()
@@ -250,6 +264,7 @@ class Trainer:
                 if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
                     now = time.perf_counter()
                     record["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+                    record.update(self.throughput_metrics(record["tokens_per_s"]))
                     t_last, steps_since = now, 0
                     self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, self.step)
                 if (tc.eval_interval and self.step % tc.eval_interval == 0) or self.step == tc.max_steps:
@@ -261,7 +276,7 @@ class Trainer:
                     self.tracker.log_metrics({k: v for k, v in val.items() if k != "step"}, self.step)
                 if (tc.save_interval and self.step % tc.save_interval == 0) or self.step == tc.max_steps:
                     self.save()
-                if stop.requested:
+                if self.stop_requested(stop):
                     path = self.save()
                     self.tracker.message(f"[train] signal {stop.signum}: checkpointed step {self.step} to "
                                          f"{path}; exiting with code {EXIT_REQUEUE} (resume by re-running)")  # fmt: skip
@@ -272,6 +287,10 @@ class Trainer:
         self.on_finished()
         self.tracker.finish("FINISHED")
         return TrainResult(0, self.step, last_loss, self.last_val_loss)
+
+    def stop_requested(self, stop: StopFlag) -> bool:
+        """Whether to checkpoint and exit now (a distributed run makes every rank agree)."""
+        return stop.requested
 
     def on_finished(self) -> None:
         """Called once after the last step (the elastic trainer writes its many-in-one checkpoint)."""

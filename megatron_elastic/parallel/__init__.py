@@ -1,0 +1,17 @@
+"""megatron-core glue: process groups (:mod:`.groups`), pipeline stages and the 1F1B schedule
+(:mod:`.pipeline`), data-parallel gradient averaging (:mod:`.data`), layout-independent checkpoints
+(:mod:`.checkpoint`) and the trainers that combine them (:mod:`.trainer`). Tensor parallelism lives
+in :mod:`.tensor` and :mod:`.losses`.
+
+Importing this package does not import megatron-core (about 7 s); the submodules do, when used.
+"""
+
+from megatron_elastic.parallel.groups import (
+    ParallelGroups,
+    build_groups,
+    destroy_parallel,
+    init_parallel,
+    single_process,
+)
+
+__all__ = ["ParallelGroups", "build_groups", "destroy_parallel", "init_parallel", "single_process"]

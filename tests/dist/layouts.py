@@ -1,0 +1,171 @@
+"""Shared by the parallel-layout tests: build a tiny plain or elastic run, train it in one process
+(the reference trainers) or on a TP x PP x DP layout (the parallel trainers, in spawned gloo
+workers), and compare metric traces."""
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# fp32 throughout. PP runs the very same ops; TP changes the order of reductions (all-reduced
+# partial matmuls, vocabulary-parallel softmax sums); router gradients are sums over stages / shards
+# in another order. The traces agree to this "state tolerance".
+RTOL, ATOL = 1e-4, 1e-5
+STEPS, SAVE_AT = 5, 3
+PLAIN = ["data.builtin_max_mb=0.5", "data.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4",
+         "train.warmup_steps=2", "train.log_interval=1", "train.eval_batches=1", "train.eval_interval=0",
+         f"train.max_steps={STEPS}", f"train.save_interval={SAVE_AT}", "train.keep_last=5"]  # fmt: skip
+# Two settings keep the elastic comparison well conditioned. At step 1 the student *is* the teacher,
+# so the full budget's KD gradient is zero up to rounding, and Adam's first steps turn any gradient
+# into an update of ~lr * sign(g): with KD alone, weights that only the full budget touches would
+# move by sign-random steps that depend on the reduction order of the layout. A CE term
+# (distill.ce_weight=1) gives them a real gradient. Likewise the router's learning rate stays at
+# train.lr (multiplier 1 instead of the recipe's 100) so rounding-level router gradients cannot move
+# its logits by 0.03 per step.
+ELASTIC = ["data.builtin_max_mb=0.5", "data.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4",
+           "train.warmup_steps=2", "train.log_interval=1", "train.eval_batches=1", "train.eval_interval=0",
+           "train.max_steps=3", "train.save_interval=0", "elastic.router_warmup_steps=100",
+           "elastic.router_lr_multiplier=1", "distill.ce_weight=1.0"]  # fmt: skip
+DEPTH_ORDER = [3, 1, 6, 4, 2, 5, 0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_parent(root: Path) -> None:
+    from reference import randomize_
+
+    from megatron_elastic.convert import save_native
+    from megatron_elastic.model import HybridLM, preset
+
+    torch.manual_seed(0)
+    save_native(randomize_(HybridLM(preset("tiny")), seed=0), root / "importance" / "parent")
+    (root / "importance" / "ranking.json").write_text(json.dumps({"depth": {"method": "given", "order": DEPTH_ORDER}}))
+
+
+def config(kind: str, root: Path, run_dir: Path):
+    from megatron_elastic.cli import _elastic_inputs
+    from megatron_elastic.config import load_config
+
+    if kind == "plain":
+        return load_config("tiny", [*PLAIN, f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}"]), None
+    cfg = load_config("elastic-tiny", [*ELASTIC, f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}",
+                                       f"elastic.parent={root / 'importance' / 'parent'}"])  # fmt: skip
+    cfg, _, order = _elastic_inputs(cfg)
+    return cfg, order
+
+
+def train(kind: str, root: Path, run_dir: Path, groups=None) -> int:
+    """Train run ``run_dir`` to the end: the single-process trainers when ``groups`` is None."""
+    from megatron_elastic.api import load_pretrained
+    from megatron_elastic.training.data_setup import build_training_data
+
+    cfg, order = config(kind, root, run_dir)
+    dp_rank, dp_size = (groups.dp_rank, groups.dp_size) if groups else (0, 1)
+    data = build_training_data(cfg, dp_rank=dp_rank, dp_world_size=dp_size, log=lambda m: None)
+    if groups is None:
+        from megatron_elastic.training.elastic_trainer import ElasticTrainer
+        from megatron_elastic.training.trainer import Trainer
+
+        if kind == "plain":
+            return Trainer(cfg, data).fit().exit_code
+        parent = load_pretrained(cfg.elastic.parent).train()
+        return ElasticTrainer(cfg, data, depth_order=order, parent=parent).fit().exit_code
+    from megatron_elastic.parallel.trainer import ParallelElasticTrainer, ParallelTrainer
+
+    if kind == "plain":
+        return ParallelTrainer(cfg, data, groups=groups).fit().exit_code
+    parent = load_pretrained(cfg.elastic.parent).train()
+    return ParallelElasticTrainer(cfg, data, depth_order=order, parent=parent, groups=groups).fit().exit_code
+
+
+def _worker(rank: int, port: int, world: int, tp: int, pp: int, root: str, runs: list) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import mcore_cpu_shim
+
+    from megatron_elastic.parallel.groups import build_groups, destroy_parallel
+
+    mcore_cpu_shim.install()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        groups = build_groups(tp, pp, device=torch.device("cpu"))
+        assert (groups.tp_size, groups.pp_size) == (tp, pp)
+        for kind, run_dir in runs:
+            assert train(kind, Path(root), Path(root) / run_dir, groups) == 0, run_dir
+    finally:
+        destroy_parallel()
+
+
+def spawn_layout(root: Path, *, tp: int, pp: int, runs: list, dp: int = 1, timeout: float = 300) -> None:
+    """Train ``runs`` ([(kind, run_dir name)]) on a tp x pp x dp layout of real gloo processes;
+    assert every exit code is 0."""
+    world = tp * pp * dp
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, world, tp, pp, str(root), runs)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0] * world, f"worker exit codes {codes}"
+
+
+def resume_copy(src: Path, dst: Path, step: int) -> Path:
+    """``src`` as it was right after its checkpoint of ``step``."""
+    shutil.copytree(src, dst)
+    for d in (dst / "checkpoints").glob("step_*"):
+        if int(d.name.split("_")[1]) > step:
+            shutil.rmtree(d)
+    (dst / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
+    return dst
+
+
+def trace(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def assert_same_trace(got: list[dict], want: list[dict], rtol: float = RTOL, atol: float = ATOL) -> None:
+    assert [g["step"] for g in got] == [w["step"] for w in want]
+    for g, w in zip(got, want):
+        assert set(g) == set(w), g["step"]  # the same metrics: the same budgets were drawn
+        for key in w:
+            assert g[key] == pytest.approx(w[key], rel=rtol, abs=atol), (g["step"], key, g[key], w[key])
+
+
+def reference_runs(root: Path) -> Path:
+    """The single-process plain and elastic runs the layouts are compared with."""
+    make_parent(root)
+    assert train("plain", root, root / "single") == 0
+    assert train("elastic", root, root / "elastic_single") == 0
+    return root
+
+
+def assert_same_parent(root: Path, run: str) -> None:
+    """The many-in-one parent of ``run`` (gathered from its shards) against the single process's."""
+    from safetensors.torch import load_file
+
+    # A gather bug would misplace whole rows; Adam moves an element by at most ~lr per step whatever
+    # its gradient, so an element whose gradient is rounding-level (measured: 1 of 65,536 embedding
+    # entries) may differ by up to 2 x sum(lr) while the tensors agree to ~3e-6 in norm.
+    want = load_file(root / "elastic_single" / "many-in-one" / "model.safetensors")
+    got = load_file(root / run / "many-in-one" / "model.safetensors")
+    assert got.keys() == want.keys()
+    moved = 2 * sum(r["lr"] for r in trace(root / "elastic_single")) * 1.01
+    for key, value in want.items():
+        diff = got[key] - value
+        assert float(diff.norm() / value.norm()) < RTOL, key
+        assert float(diff.abs().max()) <= moved, key
