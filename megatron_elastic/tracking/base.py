@@ -26,8 +26,8 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_artifact(self, path: Path) -> None:
-        pass
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file (or a directory's files) under ``artifact_path`` (None = the top level)."""
 
     def message(self, text: str) -> None:
         pass
@@ -48,9 +48,9 @@ class MultiTracker(Tracker):
         for t in self.trackers:
             t.log_metrics(metrics, step)
 
-    def log_artifact(self, path) -> None:
+    def log_artifact(self, path, artifact_path=None) -> None:
         for t in self.trackers:
-            t.log_artifact(path)
+            t.log_artifact(path, artifact_path)
 
     def message(self, text) -> None:
         for t in self.trackers:
@@ -61,9 +61,14 @@ class MultiTracker(Tracker):
             t.finish(status)
 
 
-def build_trackers(cfg) -> MultiTracker:
-    """Trackers named in ``cfg.tracking.backends`` (a RunConfig)."""
+def build_trackers(cfg, *, enabled: bool = True) -> MultiTracker:
+    """Trackers named in ``cfg.tracking.backends`` (a RunConfig).
+
+    ``enabled=False`` gives an empty fan-out: in a distributed run only one rank reports (the
+    first rank of the last pipeline stage, which holds the loss); the others pass False."""
     trackers: list[Tracker] = []
+    if not enabled:
+        return MultiTracker(trackers)
     for name in cfg.tracking.backends:
         if name == "console":
             from megatron_elastic.tracking.console import ConsoleTracker

@@ -54,7 +54,7 @@ class ConsoleTracker(Tracker):
         parts.extend(per_budget)
         self._print(f"[{bar}] {100 * frac:5.1f}% step {step}/{self.total} | " + " | ".join(parts) + f" | ETA {_duration(eta)}")
 
-    def log_artifact(self, path) -> None:
+    def log_artifact(self, path, artifact_path=None) -> None:
         pass
 
     def message(self, text: str) -> None:

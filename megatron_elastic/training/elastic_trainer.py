@@ -296,7 +296,40 @@ class ElasticTrainer(Trainer):
         metrics = {"loss": total_loss / max(1, n_terms), "lr": lr, "grad_norm": float(grad_norm), "tau": tau,
                    "scale": scale}  # fmt: skip
         metrics.update({k: v / counts[k] for k, v in sums.items()})
+        if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+            metrics.update(self.router_metrics(tau, scale))
         return metrics
+
+    @torch.no_grad()
+    def router_metrics(self, tau: float, scale: float) -> dict[str, float]:
+        """What the router prefers per routed budget, noise-free at this step's tau and scale:
+        ``router/b0.50/ffn/192`` = probability of FFN size 192 (mean over layers in a heterogeneous
+        space), ``arch/b0.50/ffn`` = the argmax size, ``arch/b0.50/layers`` = layers kept and
+        ``arch/b0.50/cost`` = the argmax architecture's cost / the parent's."""
+        out: dict[str, float] = {}
+        for b_idx, budget in enumerate(self.budgets):
+            if self.is_full(b_idx):
+                continue
+            tag = budget_tag(budget)
+            for axis, z in self.router.logits(b_idx).items():
+                probs = torch.softmax(scale * z.float() / tau, dim=-1).reshape(-1, z.shape[-1]).mean(0)
+                for size, p in zip(self.space.choices(axis), probs.tolist()):
+                    out[f"router/{tag}/{axis}/{size}"] = p
+            indices = self.router.argmax_indices(b_idx)
+            for axis in self.router.heads:
+                picked = [self.space.choices(axis)[i] for i in (indices[axis] if self.space.is_per_layer(axis)
+                                                                 else [indices[axis]])]  # fmt: skip
+                out[f"arch/{tag}/{axis if axis != 'depth' else 'layers'}"] = sum(picked) / len(picked)
+            out[f"arch/{tag}/cost"] = self._fraction(indices)
+        return out
+
+    def flops_per_token(self) -> float:
+        """Per training token: the teacher's forward pass plus forward + backward of the parent for
+        every budget of the micro-batch (masks do not shrink the matmuls that run)."""
+        from megatron_elastic.tracking.perf import forward_flops_per_token
+
+        n = self.cfg.distill.budgets_per_micro_batch or len(self.budgets)
+        return forward_flops_per_token(self.cfg.model, self.cfg.data.seq_len) * (1 + 3 * n)
 
     def _set_lr(self) -> float:
         from megatron_elastic.training.schedule import lr_at
@@ -331,6 +364,26 @@ class ElasticTrainer(Trainer):
 
     def on_finished(self) -> None:
         if self.dp_rank == 0:
+            meta = self.elastic_metadata()
             path = manyinone.save(Path(self.cfg.run_dir) / "many-in-one", model=self.model, router=self.router,
-                                  metadata=self.elastic_metadata(), ranking=self.cfg.elastic.ranking or None)  # fmt: skip
+                                  metadata=meta, ranking=self.cfg.elastic.ranking or None)  # fmt: skip
             self.tracker.message(f"[elastic] many-in-one checkpoint: {path}")
+            self.write_reports(meta)
+
+    def write_reports(self, meta: dict) -> None:
+        """Per-budget architectures, the extraction report and the plots (RUN_DIR/reports), handed
+        to the trackers as artifacts. A report that fails is reported; the run still succeeds."""
+        from megatron_elastic.tracking.reports import write_elastic_reports
+        from megatron_elastic.training.trainer import METRICS_FILE
+
+        try:
+            lines = (Path(self.cfg.run_dir) / METRICS_FILE).read_text().splitlines()
+            records = [json.loads(x) for x in lines if x.strip().endswith("}")]
+            files = write_elastic_reports(Path(self.cfg.run_dir), self.cfg.model, meta, records, log=self.tracker.message)
+        except Exception as exc:  # noqa: BLE001 - reports are a by-product; the checkpoint is written
+            self.tracker.message(f"[elastic] reports failed ({type(exc).__name__}: {exc})")
+            return
+        self.tracker.message(f"[elastic] reports (architectures, extraction report, plots): {Path(self.cfg.run_dir) / 'reports'}")
+        self.tracker.log_artifact(Path(self.cfg.run_dir) / "many-in-one" / "elastic.json", "many-in-one")
+        for path, folder in files:
+            self.tracker.log_artifact(path, folder)
