@@ -6,7 +6,7 @@ and ``--version`` answer at once.
 
 from megatron_elastic.version import __version__
 
-__all__ = ["__version__", "load_pretrained", "HybridConfig", "HybridLM"]
+__all__ = ["__version__", "load_pretrained", "HybridConfig", "HybridLM", "ElasticModel"]
 
 
 def __getattr__(name):
@@ -18,4 +18,8 @@ def __getattr__(name):
         from megatron_elastic import model
 
         return getattr(model, name)
+    if name == "ElasticModel":
+        from megatron_elastic.inference.elastic_model import ElasticModel
+
+        return ElasticModel
     raise AttributeError(f"module 'megatron_elastic' has no attribute {name!r}")

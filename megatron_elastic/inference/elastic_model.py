@@ -1,0 +1,264 @@
+"""Every budget of a many-in-one checkpoint served from one copy of the parent's weights.
+
+``ElasticModel.load(CKPT).at_budget(0.5)`` returns a runnable :class:`~megatron_elastic.model.HybridLM`
+whose parameters are *views* of the parent's tensors: after importance permutation a budget keeps
+a prefix of every axis (inside each group for grouped axes), so each kept block of a weight matrix
+is a strided view of the parent's matrix. Holding all budgets costs the parent's memory plus a few
+module objects.
+
+How a child is laid out (same order as :func:`megatron_elastic.elastic.extract`, which copies):
+
+* a matrix whose kept rows and columns are each one contiguous range (embedding, output layer,
+  MLP up/down with a prefix of neurons) is a single 2-D view in an ``nn.Linear``;
+* a matrix whose kept rows or columns fall into several ranges (Mamba ``in_proj`` packs
+  ``[z, x, B, C, dt]``; heads kept inside each group; trimmed Mamba head channels) becomes a
+  :class:`ViewLinear`: a grid of 2-D views, outputs of row blocks concatenated, products of
+  column blocks summed;
+* vectors and the depthwise conv kernel (O(width) numbers) are views when their kept entries are
+  one range and small gathered copies otherwise (``copied_bytes`` reports them).
+
+``at_budget(B, contiguous=True)`` returns the extracted copy instead (one GEMM per projection,
+the fastest layout; costs the child's memory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from megatron_elastic.errors import CheckpointError
+from megatron_elastic.model.config import ATTENTION, MLP
+
+
+def index_runs(idx: torch.Tensor | list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indices, in order: [0,1,2,5,6] -> [(0, 3), (5, 7)]."""
+    values = idx.tolist() if torch.is_tensor(idx) else list(idx)
+    out, start, prev = [], values[0], values[0]
+    for i in values[1:]:
+        if i != prev + 1:
+            out.append((start, prev + 1))
+            start = i
+        prev = i
+    out.append((start, prev + 1))
+    return out
+
+
+class ViewLinear(nn.Module):
+    """``y = x W[rows][:, cols]^T + b[rows]`` computed from 2-D views of ``W``, without gathering it.
+
+    ``W[rows][:, cols]`` is cut into blocks at the breaks of ``rows`` and ``cols``; block (i, j) is
+    ``W[r_i, c_j]``, a strided view. The input is split at the column breaks; each output row block
+    is the sum over column blocks of ``F.linear(x_j, block_ij)``; row blocks are concatenated.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor):
+        super().__init__()
+        self.row_runs, self.col_runs = index_runs(rows), index_runs(cols)
+        self.out_features, self.in_features = len(rows), len(cols)
+        self.col_sizes = [b - a for a, b in self.col_runs]
+        self.blocks = nn.ParameterList(
+            nn.Parameter(weight[r0:r1, c0:c1], requires_grad=False) for r0, r1 in self.row_runs for c0, c1 in self.col_runs
+        )  # fmt: skip
+        self.biases = None
+        if bias is not None:
+            self.biases = nn.ParameterList(nn.Parameter(bias[r0:r1], requires_grad=False) for r0, r1 in self.row_runs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x.split(self.col_sizes, dim=-1) if len(self.col_sizes) > 1 else (x,)
+        nc = len(xs)
+        outs = []
+        for i in range(len(self.row_runs)):
+            acc = None
+            for j, xj in enumerate(xs):
+                bias = self.biases[i] if self.biases is not None and j == 0 else None
+                y = F.linear(xj, self.blocks[i * nc + j], bias)
+                acc = y if acc is None else acc.add_(y)
+            outs.append(acc)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks={len(self.row_runs)}x{len(self.col_runs)}"
+
+
+class _MetaSkeleton(TorchFunctionMode):
+    """Build modules on the meta device without running their initialisers. In-place init ops on
+    meta tensors compute nothing anyway, but ``normal_`` has no C++ meta kernel and its Python
+    decomposition imports ~800 modules (~75 MB of RSS) the first time it runs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):  # in place: nn.init.normal_(tensor=...), w.zero_()
+            target = args[0] if args else kwargs.get("tensor")
+            if torch.is_tensor(target) and target.is_meta:
+                return target
+        with torch.device("meta"):
+            return func(*args, **kwargs)
+
+
+class _Builder:
+    """Fills a child skeleton (built on the meta device) with views of the parent's tensors."""
+
+    def __init__(self):
+        self.copied_bytes = 0
+
+    def pick(self, t: torch.Tensor, idx: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """``t`` indexed by ``idx`` along ``dim``: a view when ``idx`` is one range, else a gathered copy."""
+        runs = index_runs(idx)
+        if len(runs) == 1:
+            return t.narrow(dim, runs[0][0], runs[0][1] - runs[0][0])
+        out = t.index_select(dim, idx.to(t.device))
+        self.copied_bytes += out.numel() * out.element_size()
+        return out
+
+    def set(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        old = module._parameters[name]
+        assert tuple(old.shape) == tuple(value.shape), (name, tuple(old.shape), tuple(value.shape))
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+    def linear(self, parent: nn.Module, name: str, weight, bias, rows, cols) -> None:
+        old = getattr(parent, name)
+        if len(index_runs(rows)) == 1 and len(index_runs(cols)) == 1:
+            (r0, r1), (c0, c1) = index_runs(rows)[0], index_runs(cols)[0]
+            self.set(old, "weight", weight[r0:r1, c0:c1])  # the skeleton's nn.Linear, now backed by a view
+            if bias is not None:
+                self.set(old, "bias", bias[r0:r1])
+            new = old
+        else:
+            new = ViewLinear(weight, bias, rows, cols)
+        assert (new.out_features, new.in_features) == (old.out_features, old.in_features), name
+        setattr(parent, name, new)
+
+
+@torch.no_grad()
+def view_child(model, arch):
+    """The child of ``model`` (a permuted parent ``HybridLM``) for ``arch`` with its parameters as views
+    of ``model``'s tensors. Computes what ``extract(model, arch)`` computes.
+
+    Returns ``(child, copied_bytes)``: the bytes of the few small tensors that had to be gathered.
+    """
+    from megatron_elastic.elastic.slicing import head_rows, mamba_channels
+    from megatron_elastic.elastic.space import axes_of, child_config, layer_axes
+    from megatron_elastic.model.hybrid import HybridLM
+
+    cfg = model.config
+    with _MetaSkeleton():
+        child = HybridLM(child_config(cfg, arch), init=False)
+    b = _Builder()
+    p = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+    hid = axes_of(cfg)["hidden"].indices(arch.hidden_size)
+    vocab = torch.arange(cfg.vocab_size)
+    b.set(child.embedding, "weight", b.pick(p["embedding.weight"], hid, 1))
+    b.set(child.final_norm, "weight", b.pick(p["final_norm.weight"], hid))
+    if child.output_layer is not None:
+        b.linear(child, "output_layer", p["output_layer.weight"], None, vocab, hid)
+    for new, old in enumerate(arch.kept_layers()):
+        layer, block = arch.layers[old], child.layers[new]
+        src = f"layers.{old}."
+        tensors = {k[len(src):]: v for k, v in p.items() if k.startswith(src)}  # this layer's, by local name
+        w, opt = tensors.__getitem__, tensors.get
+        mixer = block.mixer
+        b.set(block.norm, "weight", b.pick(w("norm.weight"), hid))
+        ax = layer_axes(cfg, old)
+        if layer.kind == MLP:
+            f = ax["ffn"].indices(layer.ffn_hidden_size)
+            b.linear(mixer, "up_proj", w("mixer.up_proj.weight"), opt("mixer.up_proj.bias"), f, hid)
+            b.linear(mixer, "down_proj", w("mixer.down_proj.weight"), opt("mixer.down_proj.bias"), hid, f)
+        elif layer.kind == ATTENTION:
+            rows = head_rows(ax["attn_heads"].indices(layer.num_attention_heads), cfg.head_dim)
+            kv = torch.arange(w("mixer.k_proj.weight").shape[0])
+            b.linear(mixer, "q_proj", w("mixer.q_proj.weight"), None, rows, hid)
+            b.linear(mixer, "k_proj", w("mixer.k_proj.weight"), None, kv, hid)
+            b.linear(mixer, "v_proj", w("mixer.v_proj.weight"), None, kv, hid)
+            b.linear(mixer, "o_proj", w("mixer.o_proj.weight"), None, hid, rows)
+        else:
+            dims = cfg.layer_dims(old)
+            P, di, gn = dims.mamba_head_dim, dims.mamba_d_inner, cfg.mamba_num_groups * cfg.mamba_state_dim
+            heads = ax["mamba_heads"].indices(layer.mamba_num_heads)
+            ch = mamba_channels(heads, ax["mamba_head_dim"].indices(layer.mamba_head_dim), P)
+            bc = torch.arange(2 * gn)
+            # in_proj -> [z, x, B, C, dt] = [d_inner, d_inner, G*N, G*N, H]; conv1d over [x, B, C]
+            in_rows = torch.cat([ch, di + ch, 2 * di + bc, 2 * di + 2 * gn + heads])
+            conv_rows = torch.cat([ch, di + bc])
+            b.linear(mixer, "in_proj", w("mixer.in_proj.weight"), opt("mixer.in_proj.bias"), in_rows, hid)
+            b.linear(mixer, "out_proj", w("mixer.out_proj.weight"), opt("mixer.out_proj.bias"), hid, ch)
+            b.set(mixer.conv1d, "weight", b.pick(w("mixer.conv1d.weight"), conv_rows))
+            if opt("mixer.conv1d.bias") is not None:
+                b.set(mixer.conv1d, "bias", b.pick(w("mixer.conv1d.bias"), conv_rows))
+            for name in ("dt_bias", "A_log", "D"):
+                b.set(mixer, name, b.pick(w(f"mixer.{name}"), heads))
+            b.set(mixer.norm, "weight", b.pick(w("mixer.norm.weight"), ch))
+    left = [n for n, t in list(child.named_parameters()) + list(child.named_buffers()) if t.is_meta]
+    assert not left, f"view child left unset: {left[:5]}"
+    return child.eval(), b.copied_bytes
+
+
+def budget_architecture(metadata: dict, budget: float | str):
+    """The architecture a many-in-one checkpoint's ``elastic.json`` (``metadata``) resolved for ``budget``."""
+    from megatron_elastic.elastic.manyinone import budget_key
+    from megatron_elastic.elastic.space import Architecture
+
+    archs = metadata["architectures"]
+    try:
+        key = budget_key(float(budget))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"budget {budget!r} is not a number; give one of {', '.join(archs)}") from None
+    if key not in archs:
+        raise CheckpointError(f"budget {budget} is not in this checkpoint; it holds {', '.join(archs)}")
+    return Architecture.from_dict(archs[key])
+
+
+class ElasticModel:
+    """A many-in-one checkpoint in memory: the parent once, any budget on demand.
+
+    ``ElasticModel.load(path)`` reads the parent and the resolved architecture of every budget;
+    ``at_budget(B)`` returns a view child (``contiguous=True``: an extracted copy). The parent is
+    frozen (no gradients): this is for inference.
+    """
+
+    def __init__(self, parent, metadata: dict, path: str | Path | None = None):
+        self.parent = parent.eval().requires_grad_(False)
+        self.metadata = metadata
+        self.path = None if path is None else Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device | None = None):
+        """Load a many-in-one checkpoint (``RUN_DIR/many-in-one``). ``dtype=None`` keeps the stored dtype."""
+        from megatron_elastic.api import load_pretrained
+        from megatron_elastic.elastic.manyinone import read_metadata
+
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"many-in-one checkpoint {str(path)!r} is not a directory; give RUN_DIR/many-in-one of an elastic run")
+        meta = read_metadata(path)  # before reading weights
+        parent = load_pretrained(path, dtype=dtype)
+        if device is not None:
+            parent = parent.to(device)
+        return cls(parent, meta, path)
+
+    @property
+    def budgets(self) -> list[float]:
+        return [float(k) for k in self.metadata["architectures"]]
+
+    def architecture(self, budget: float | str):
+        """The resolved :class:`~megatron_elastic.elastic.Architecture` of ``budget`` (a fraction, e.g. 0.5)."""
+        return budget_architecture(self.metadata, budget)
+
+    def at_budget(self, budget: float | str, contiguous: bool = False):
+        """A runnable child ``HybridLM`` for ``budget``: its parameters are views of the parent's tensors
+        (``contiguous=False``) or a standalone extracted copy (``contiguous=True``)."""
+        arch = self.architecture(budget)
+        if contiguous:
+            from megatron_elastic.elastic.slicing import extract
+
+            return extract(self.parent, arch).eval().requires_grad_(False)
+        child, _ = view_child(self.parent, arch)
+        return child
+
+    def __repr__(self) -> str:
+        where = f" from {self.path}" if self.path else ""
+        return f"ElasticModel({self.parent.num_parameters():,} parameters, budgets {self.budgets}{where})"
