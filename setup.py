@@ -26,6 +26,8 @@ setup(
         # Megatron indexed datasets (written with megatron-core's own builder); 0.16.x is the line
         # that installs on Python 3.11.
         "megatron-core>=0.16.1,<0.17",
+        # megatron-core's dist_checkpointing writer processes report through psutil.
+        "psutil>=5.9",
         "numpy>=1.24",
         "pyyaml>=6.0",
     ],

@@ -1,31 +1,53 @@
-"""Checkpoints of a parallel run in the single-process format, so any layout resumes any other.
+"""Checkpoints of a parallel run through megatron-core ``dist_checkpointing``; any layout resumes any other.
 
-A parallel run writes exactly what :mod:`megatron_elastic.training.checkpoint` writes (the full
-model as ``model.safetensors``, ``optimizer.pt`` indexed as a single-process AdamW would index it,
-trainer state, RNG, config, and the elastic trainer's router / space files), atomically through the
-same ``save_checkpoint``. Every rank reads the full tensors back and keeps its own piece: its
-pipeline stage's parameters (names are global, see :mod:`parallel.pipeline`) and, under tensor
-parallelism, its slice of each packed component (``parallel.tensor.tp_component_slices``). AdamW's
-moments are cut the same way. Hence a TP=2 x PP=2 checkpoint resumes at TP=1 x PP=1 and back, a
-single-process checkpoint resumes in parallel, and a resume at the same layout is exact.
+With a sharded model (TP > 1 or PP > 1) every rank writes its own pieces as megatron-core
+``ShardedTensor``s (``torch_dist`` format). With data parallelism only, every rank holds exactly
+the single-process model and optimizer, and the logging rank writes the single-process format of
+:mod:`megatron_elastic.training.checkpoint` (a native model directory). In the sharded format:
 
-The pieces travel to the first rank of the last stage with ``gather_object`` on save. That is the
-simple path for models that fit one host's memory; megatron-core ``dist_checkpointing`` (each rank
-writes its own shards) is the path for 12B-scale runs, but its writer needs ``psutil``, which this
-environment does not provide (see docs/parallelism.md).
+* keys are layout-independent: the global component keys of ``parallel.tensor.component_layout``
+  (``layers.5.mixer.in_proj.weight.z``, ...; global layer indices, so the stage split does not show);
+  AdamW's moments under ``optim.exp_avg.<key>`` / ``optim.exp_avg_sq.<key>``, its step count per
+  parameter under ``optim.step.<name>``, the router's moments by index under ``optim.*.router.<i>``;
+* a TP-sharded component is ``from_rank_offsets(key, piece, (axis, tp_rank, tp))`` with
+  ``replica_id = dp_rank``; replicated tensors take ``replica_id = tp_rank * dp + dp_rank`` (the
+  router: the global rank), so each element is written once, by replica 0;
+* each rank's RNG state is a ``ShardedObject`` (``rng``, one per global rank): a resume at the same
+  layout restores every rank's own generators; another layout takes the logging rank's;
+* the small files (``trainer_state.json`` with the loader position, ``config.yaml``,
+  ``megatron_elastic.json``, the elastic ``router.pt`` / ``elastic.json``) are written by the logging
+  rank as in the single-process format.
+
+Atomic: everything goes to ``.step_XXXXXXXX.tmp-dist`` next to the final directory; after a barrier
+rank 0 renames it, moves ``latest`` and prunes (``training.checkpoint.publish``). Loading reads a
+dist checkpoint with a sharded state dict of the current layout (resharding is megatron-core's), or
+a single-process checkpoint by cutting the full tensors (``_Slicer``). The single-process trainer
+reads dist checkpoints through :func:`load_dist_single_process` (a one-rank gloo group).
+
+Saving uses ``SyncTorchDistSave`` (``_sync_save_strategy``): megatron-core 0.16's own ``torch_dist`` save strategy
+always goes through its asynchronous writer, whose synchronous path calls
+``torch.cuda.synchronize()`` (``FileSystemWriterAsync.preload_tensors``) and broadcasts a
+``device=torch.cuda.current_device()`` tensor (``save_state_dict_async_finalize``); both fail in a
+CPU-only build. The subclass writes the same format with ``torch.distributed.checkpoint.save``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_elastic.config import dump_config
+from megatron_elastic.errors import CheckpointError
 from megatron_elastic.model import HybridLM
 from megatron_elastic.training import checkpoint as ckpt
 from megatron_elastic.training.trainer import _NO_DECAY
+from megatron_elastic.utils.io import _fsync_tree, fsync_path, load_safetensors, read_json, write_json
 
 ROUTER_PREFIX = "router."
 
@@ -65,7 +87,9 @@ class _Slicer:
             from megatron_elastic.parallel.tensor import component_layout
 
             config = trainer.cfg.model
-            self.local = {n: component_layout(config, n, p.dim(), self.tp_size) for n, p in trainer.model.named_parameters()}
+            self.local = {
+                n: component_layout(config, n, p.dim(), self.tp_size) for n, p in trainer.model.named_parameters()
+            }
             self.full = {c.key: c.local_slice for n, p in _meta_model(config).named_parameters()
                          for c in component_layout(config, n, p.dim(), 1)}  # fmt: skip
 
@@ -99,7 +123,6 @@ class _Slicer:
                 out = torch.empty(full_shape, dtype=value.dtype)
             out[self.full[key]] = value
         return out
-
 
 
 # ---------------------------------------------------------------------- gather
@@ -165,74 +188,260 @@ def _merge(trainer, payloads: list[dict]):
     return params, state
 
 
-class _ModelView:
-    """What save_checkpoint reads from a model, for a state assembled from many ranks."""
-
-    def __init__(self, state: dict, config):
-        self._state, self.config = state, config
-
-    def state_dict(self):
-        return self._state
-
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self._state.values())
-
-
-class _OptimizerView:
-    def __init__(self, sd: dict):
-        self._sd = sd
-
-    def state_dict(self):
-        return self._sd
-
-
-def _optimizer_state_dict(trainer, state: dict) -> dict:
-    """A single-process AdamW state dict (indices in build_optimizer's order) from names."""
-    decay, no_decay, routed = full_parameter_order(trainer.cfg.model, getattr(trainer, "router", None))
-    order = decay + no_decay + routed
-    index = {n: i for i, n in enumerate(order)}
-    groups, spans = [], [decay, no_decay] + ([routed] if routed else [])
-    for group, names in zip(trainer.optimizer.param_groups, spans):
-        hyper = {k: v for k, v in group.items() if k != "params"}
-        groups.append({**hyper, "params": [index[n] for n in names]})
-    return {"state": {index[n]: s for n, s in state.items()}, "param_groups": groups}
-
-
 # ---------------------------------------------------------------------- the trainer's entry points
+# ---------------------------------------------------------------------- dist_checkpointing
+@dataclass(frozen=True)
+class _Place:
+    """Where this process sits in the layout (a lone process: the defaults)."""
+
+    tp: int = 1
+    tp_rank: int = 0
+    pp: int = 1
+    dp: int = 1
+    dp_rank: int = 0
+    rank: int = 0
+    world: int = 1
+    logger: int = 0  # global rank of the logging rank
+
+    @classmethod
+    def of(cls, g) -> _Place:
+        if not g.distributed:
+            return cls()
+        return cls(g.tp_size, g.tp_rank, g.pp_size, g.dp_size, g.dp_rank, g.rank, g.world_size, _logger_global_rank(g))
+
+    def layout(self) -> dict:
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+
+
+@contextlib.contextmanager
+def _process_group():
+    """dist_checkpointing speaks through torch.distributed: a lone process gets a one-rank gloo group."""
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _entries(model, optimizer, config, place: _Place, *, with_missing_state: bool = False):
+    """(key, view, shard axis, replica id) of every tensor a checkpoint holds for this rank.
+
+    Views alias the live parameters and AdamW moments (``t[c.local_slice]`` is this rank's piece of
+    the global tensor ``c.key``). With ``with_missing_state`` parameters without AdamW state yet get
+    a zero state first, so that a load can fill it."""
+    from megatron_elastic.parallel.tensor import component_layout
+
+    replicated = place.tp_rank * place.dp + place.dp_rank
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for n, p in model.named_parameters():
+        for c in component_layout(config, n, p.dim(), place.tp):
+            out.append(
+                (c.key, p.data[c.local_slice], c.shard_axis, replicated if c.shard_axis is None else place.dp_rank)
+            )
+    for group in optimizer.param_groups:
+        router = bool(group.get("is_router"))
+        for i, p in enumerate(group["params"]):
+            st = optimizer.state.get(p)
+            if not st and with_missing_state:
+                st = optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                           "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}  # fmt: skip
+            if not st:
+                continue
+            if router:  # replicated on every rank (gradients all-reduced): written by global rank 0
+                out.append((f"optim.step.router.{i}", st["step"].view(1), None, place.rank))
+                out += [(f"optim.{k}.router.{i}", st[k], None, place.rank) for k in ("exp_avg", "exp_avg_sq")]
+                continue
+            n = names[id(p)]
+            out.append((f"optim.step.{n}", st["step"].view(1), None, replicated))
+            for c in component_layout(config, n, p.dim(), place.tp):
+                rid = replicated if c.shard_axis is None else place.dp_rank
+                out += [
+                    (f"optim.{k}.{c.key}", st[k][c.local_slice], c.shard_axis, rid) for k in ("exp_avg", "exp_avg_sq")
+                ]
+    return out
+
+
+def _sharded(key: str, data: torch.Tensor, axis: int | None, rid: int, place: _Place):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    if axis is None:
+        return ShardedTensor.from_rank_offsets(key, data, replica_id=rid)
+    return ShardedTensor.from_rank_offsets(key, data, (axis, place.tp_rank, place.tp), replica_id=rid)
+
+
+def _sync_save_strategy():
+    """megatron-core's torch_dist format, written synchronously without CUDA calls (see the module doc)."""
+    import torch.distributed.checkpoint as tdc
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+
+    class SyncTorchDistSave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            # Exactly the translation TorchDistSaveShardedStrategy.async_save does (non-main replicas
+            # dropped, MCore -> PyT sharded tensors), then PyTorch's synchronous writer and planner.
+            state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            tdc.save(mcore_to_pyt_state_dict(state, False), storage_writer=tdc.FileSystemWriter(checkpoint_dir),
+                     planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))  # fmt: skip
+
+    return SyncTorchDistSave("torch_dist", 1)
+
+
 def save(trainer) -> Path | None:
-    """Write a checkpoint of the current step (collective: every rank calls it)."""
+    """Write a checkpoint of the current step (collective: every rank calls it). Returns its path on
+    the logging rank, None elsewhere."""
+    from megatron.core import dist_checkpointing as dc
+    from megatron.core.dist_checkpointing import ShardedObject
+
     g = trainer.groups
-    if g.pp_size == 1 and g.tp_size == 1:
-        path = None
-        if g.is_logging_rank:  # the model and optimizer are exactly the single-process ones
-            path = _write(trainer, trainer.model, trainer.optimizer)
-        _barrier(g)
+    if g.tp_size == 1 and g.pp_size == 1:
+        # Data parallelism only: every rank holds exactly the single-process model and optimizer, so
+        # the logging rank writes the single-process format (a native model directory that
+        # `importance` / `extract` / `load_pretrained` read); sharding would not spread any I/O.
+        path = _write_single_process_format(trainer) if g.is_logging_rank else None
+        if g.distributed:
+            dist.barrier()
         return path
-    slicer = _Slicer(trainer)
-    payloads = _gather_to_logger(trainer, _local_payload(trainer, slicer))
-    path = None
-    if payloads is not None:
-        params, state = _merge(trainer, payloads)
-        if getattr(trainer, "router", None) is not None:
-            for n, p in trainer.router.named_parameters():
-                params.pop(ROUTER_PREFIX + n, None)
-        path = _write(trainer, _ModelView(params, trainer.cfg.model), _OptimizerView(_optimizer_state_dict(trainer, state)))
-    _barrier(g)
-    return path
+    place = _Place.of(g)
+    root, name = trainer.ckpt_root, ckpt.step_dirname(trainer.step)
+    tmp, dst = root / f".{name}.tmp-dist", root / name
+    with _process_group():
+        if place.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this step
+            tmp.mkdir()
+        dist.barrier()
+        sd = {key: _sharded(key, view, axis, rid, place)
+              for key, view, axis, rid in _entries(trainer.model, trainer.optimizer, trainer.cfg.model, place)}  # fmt: skip
+        sd["rng"] = ShardedObject("rng", ckpt.rng_state(), (place.world,), (place.rank,), replica_id=0)
+        sd["megatron_elastic"] = {"layout": place.layout(), "logging_rank": place.logger}  # common: equal on all ranks
+        dc.save(sd, str(tmp), sharded_strategy=_sync_save_strategy())
+        if g.is_logging_rank:
+            _write_small_files(trainer, tmp, place)
+        dist.barrier()
+        if place.rank == 0:
+            _fsync_tree(tmp)
+            if dst.exists():  # a rerun of the same step: keep the old one until the new one is in place
+                old = root / f".{name}.old-dist"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(dst, old)
+                os.rename(tmp, dst)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, dst)
+            fsync_path(root)
+            ckpt.publish(root, name, trainer.cfg.train.keep_last)
+        dist.barrier()  # nobody goes on (or exits) before the checkpoint is published
+    return dst if g.is_logging_rank else None
 
 
-def _write(trainer, model, optimizer) -> Path:
+def _write_single_process_format(trainer) -> Path:
     state = {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
              "loader": trainer.data.train_loader.state_dict(), **trainer.extra_trainer_state(),
-             "layout": {"tp": trainer.groups.tp_size, "pp": trainer.groups.pp_size, "dp": trainer.groups.dp_size}}  # fmt: skip
-    return ckpt.save_checkpoint(trainer.ckpt_root, step=trainer.step, model=model, optimizer=optimizer, trainer_state=state,
-                                config_yaml=dump_config(trainer.cfg), keep_last=trainer.cfg.train.keep_last,
-                                extra=trainer.extra_checkpoint_state())  # fmt: skip
+             "layout": _Place.of(trainer.groups).layout()}  # fmt: skip
+    return ckpt.save_checkpoint(trainer.ckpt_root, step=trainer.step, model=trainer.model, optimizer=trainer.optimizer,
+                                trainer_state=state, config_yaml=dump_config(trainer.cfg),
+                                keep_last=trainer.cfg.train.keep_last, extra=trainer.extra_checkpoint_state())  # fmt: skip
 
 
-def _barrier(g) -> None:
-    if g.distributed:
-        dist.barrier()
+def _write_small_files(trainer, tmp: Path, place: _Place) -> None:
+    """What the single-process format holds besides weights, optimizer and RNG (same names)."""
+    config = trainer.cfg.model
+    state = {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
+             "loader": trainer.data.train_loader.state_dict(), **trainer.extra_trainer_state(),
+             "layout": place.layout()}  # fmt: skip
+    write_json(tmp / "trainer_state.json", state)
+    write_json(tmp / "megatron_elastic.json", {
+        "format": "megatron-elastic-model", "format_version": 1, "model": config.to_dict(),
+        "num_parameters": sum(p.numel() for p in _meta_model(config).parameters()), "dtype": "float32",
+        "weights": "megatron-core dist_checkpointing (torch_dist)",
+    })  # fmt: skip
+    (tmp / "config.yaml").write_text(dump_config(trainer.cfg))
+    for fname, value in trainer.extra_checkpoint_state().items():
+        if isinstance(value, str):
+            (tmp / fname).write_text(value)
+        elif isinstance(value, bytes):
+            (tmp / fname).write_bytes(value)
+        else:
+            torch.save(value, tmp / fname)
+
+
+def _first_line(exc: BaseException) -> str:
+    # torch.distributed.checkpoint wraps each rank's error in ``failures``: name the first one
+    inner = next(iter(getattr(exc, "failures", {}).values()), None)
+    exc = inner if isinstance(inner, BaseException) else exc
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _unreadable():
+    import pickle
+
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    # what megatron-core and torch.distributed.checkpoint raise on a truncated or damaged directory
+    return (CheckpointingException, CheckpointException, RuntimeError, OSError, ValueError, KeyError, EOFError,
+            pickle.UnpicklingError)  # fmt: skip
+
+
+def _load_dist(path: Path, model, optimizer, config, place: _Place) -> tuple[dict, dict]:
+    """Fill this rank's pieces from a dist checkpoint of any layout; returns (trainer state, RNG)."""
+    from megatron.core import dist_checkpointing as dc
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    trainer_state = read_json(path / "trainer_state.json", "trainer state")
+    unreadable = _unreadable()
+    try:
+        saved = set(dc.load_tensors_metadata(str(path)))
+        common = dc.load_common_state_dict(str(path))["megatron_elastic"]
+    except unreadable as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has unreadable dist_checkpointing metadata "
+                              f"({_first_line(exc)}); it is truncated or "
+                              "corrupt: resume from an older step_* directory or start a new run_dir") from None  # fmt: skip
+    entries = _entries(model, optimizer, config, place, with_missing_state=True)
+    missing = [k for k, _, _, _ in entries if k not in saved and not k.startswith("optim.")]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing[0]!r}; it was written for another model: "
+                              "use the checkpoint's model config or a new run_dir")  # fmt: skip
+    sd = {k: _sharded(k, torch.empty(v.shape, dtype=v.dtype, device=v.device), a, r, place)
+          for k, v, a, r in entries if k in saved}  # fmt: skip
+    saved_layout = common["layout"]
+    # The same layout: every rank takes its own generators back (exact resume); another layout
+    # takes the logging rank's, as the single-process format does.
+    src = place.rank if saved_layout == place.layout() else common["logging_rank"]
+    world = saved_layout["tp"] * saved_layout["pp"] * saved_layout["dp"]
+    sd["rng"] = ShardedObject("rng", None, (world,), (src,), replica_id=0)
+    try:
+        out = dc.load(sd, str(path), validate_access_integrity=False)
+    except unreadable as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be read ({_first_line(exc)}); "
+                              "it is truncated or corrupt: resume from an older step_* directory or start a new run_dir") from None  # fmt: skip
+    with torch.no_grad():
+        for k, view, _, _ in entries:
+            if k in saved:
+                view.copy_(out[k].view(view.shape))
+    # A parameter that had no AdamW state when the checkpoint was written has none now.
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            key = f"optim.step.router.{i}" if group.get("is_router") else f"optim.step.{names[id(p)]}"
+            if key not in saved:
+                optimizer.state.pop(p, None)
+    return trainer_state, out["rng"]
+
+
+def load_dist_single_process(path: Path, *, model, optimizer) -> tuple[dict, dict]:
+    """A dist checkpoint of any layout into the single-device model and its AdamW (one TP=1 rank)."""
+    with _process_group():
+        return _load_dist(path, model, optimizer, model.config, _Place())
 
 
 def latest(trainer) -> Path | None:
@@ -241,9 +450,15 @@ def latest(trainer) -> Path | None:
 
 def load(trainer, path: Path) -> tuple[dict, dict]:
     """Restore this rank's piece of the model and AdamW state from a checkpoint of any layout."""
-    from megatron_elastic.utils.io import load_safetensors, read_json
-
     ckpt.validate_checkpoint(path, trainer.cfg.model)
+    if ckpt.is_dist_checkpoint(path):
+        with _process_group():
+            return _load_dist(path, trainer.model, trainer.optimizer, trainer.cfg.model, _Place.of(trainer.groups))
+    return _load_native(trainer, path)
+
+
+def _load_native(trainer, path: Path) -> tuple[dict, dict]:
+    """A single-process checkpoint: every rank reads the full tensors and cuts out its piece."""
     trainer_state = read_json(path / "trainer_state.json", "trainer state")
     full = load_safetensors(path / ckpt.WEIGHTS_FILE, dtype=torch.float32)
     opt_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
@@ -265,7 +480,9 @@ def load(trainer, path: Path) -> tuple[dict, dict]:
                 continue
             st = {"step": entry["step"].clone()}
             for k in ("exp_avg", "exp_avg_sq"):
-                st[k] = (entry[k] if n.startswith(ROUTER_PREFIX) else slicer.to_local(n, entry[k], p)).to(p.device).clone()
+                st[k] = (
+                    (entry[k] if n.startswith(ROUTER_PREFIX) else slicer.to_local(n, entry[k], p)).to(p.device).clone()
+                )
             trainer.optimizer.state[p] = st
     return trainer_state, rng
 

@@ -13,6 +13,11 @@ Layout (under ``RUN_DIR/checkpoints``)::
 Each ``step_*`` directory is written to a temporary sibling, fsynced and renamed; ``latest`` is
 updated only after that, and older checkpoints beyond ``keep_last`` are deleted only after it.
 A run killed at any instant therefore resumes from a complete checkpoint.
+
+Parallel runs (``launch/train.py``) write the model and optimizer through megatron-core
+``dist_checkpointing`` instead (``common.pt``, ``metadata.json``, ``.metadata``, one ``*.distcp`` per
+rank; see :mod:`megatron_elastic.parallel.checkpoint`) next to the same small files.
+:func:`load_checkpoint` reads either format, so one process resumes a parallel run and back.
 """
 
 from __future__ import annotations
@@ -32,6 +37,13 @@ from megatron_elastic.utils.io import atomic_directory, fsync_path, load_safeten
 
 LATEST = "latest"
 FILES = ("megatron_elastic.json", WEIGHTS_FILE, "optimizer.pt", "trainer_state.json", "rng.pt", "config.yaml")
+# What megatron-core's dist_checkpointing writes (plus the small files every checkpoint has).
+DIST_FILES = ("megatron_elastic.json", "trainer_state.json", "config.yaml", "metadata.json", "common.pt", ".metadata")
+
+
+def is_dist_checkpoint(path: Path) -> bool:
+    """Written by a parallel run through megatron-core dist_checkpointing (else the single-process format)."""
+    return any((path / name).is_file() for name in ("metadata.json", "common.pt", ".metadata"))
 
 
 def step_dirname(step: int) -> str:
@@ -88,14 +100,19 @@ def save_checkpoint(ckpt_root: Path, *, step: int, model, optimizer, trainer_sta
                 (tmp / name).write_bytes(value)
             else:
                 torch.save(value, tmp / name)
-    _write_pointer(ckpt_root, dst.name)
+    publish(ckpt_root, dst.name, keep_last)
+    return dst
+
+
+def publish(ckpt_root: Path, name: str, keep_last: int) -> None:
+    """Point ``latest`` at the complete checkpoint ``name``, then prune old and stale ones."""
+    _write_pointer(ckpt_root, name)
     # Prune only after the new checkpoint is complete and pointed to.
     existing = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
     for old in existing[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".step_*.tmp-*"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    return dst
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -115,7 +132,7 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 def validate_checkpoint(path: Path, model_config) -> None:
     """Cheap checks before any compute: every file present, metadata readable, same model shape."""
-    for name in FILES:
+    for name in DIST_FILES if is_dist_checkpoint(path) else FILES:
         if not (path / name).is_file():
             raise CheckpointError(
                 f"checkpoint {str(path)!r} lacks {name}; it is incomplete or corrupt: remove it and point "
@@ -134,6 +151,10 @@ def validate_checkpoint(path: Path, model_config) -> None:
 def load_checkpoint(path: Path, *, model, optimizer) -> tuple[dict, dict]:
     """Restore model and optimizer in place; returns (trainer_state, rng_state). Validates first."""
     validate_checkpoint(path, model.config)
+    if is_dist_checkpoint(path):  # written by a parallel run: read as one TP=1 x PP=1 rank
+        from megatron_elastic.parallel.checkpoint import load_dist_single_process
+
+        return load_dist_single_process(path, model=model, optimizer=optimizer)
     trainer_state = read_json(path / "trainer_state.json", "trainer state")
     state = load_safetensors(path / WEIGHTS_FILE, dtype=torch.float32)
     load_state_into(model, state, str(path))

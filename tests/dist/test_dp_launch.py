@@ -1,6 +1,8 @@
 """Data parallelism through launch/train.py with real gloo processes: DP=2 under torchrun and under
 plain env:// reproduces the single-process loss trace; a stop signal reaching one rank makes every
-rank checkpoint and exit 75, and the resumed run continues the single-process trace."""
+rank checkpoint and exit 75, and the resumed run continues the single-process trace (at DP=2 from
+the single-process format, at TP=2 from megatron-core dist_checkpointing shards, where the resumed
+trace also equals an uninterrupted TP=2 run exactly)."""
 
 import time
 
@@ -30,11 +32,11 @@ def reference(cache, tmp_path_factory):
     return recs
 
 
-def assert_same_trace(got, want):
+def assert_same_trace(got, want, rtol=RTOL, atol=ATOL):
     assert [x["step"] for x in got] == [x["step"] for x in want]
     for g, w in zip(got, want):
         for key in ("loss", "grad_norm", "lr"):
-            assert g[key] == pytest.approx(w[key], rel=RTOL, abs=ATOL), (g["step"], key, g[key], w[key])
+            assert g[key] == pytest.approx(w[key], rel=rtol, abs=atol), (g["step"], key, g[key], w[key])
 
 
 def test_torchrun_dp2_matches_single_process(reference, cache, tmp_path):
@@ -46,11 +48,21 @@ def test_torchrun_dp2_matches_single_process(reference, cache, tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
 
 
-def test_env_dp2_signal_on_one_rank_checkpoints_and_resumes(reference, cache, tmp_path):
+# DP=2 writes the single-process format (every rank holds the whole model); TP=2 writes megatron-core
+# dist_checkpointing shards. TP reorders reductions (all-reduced partial matmuls, vocabulary-parallel
+# softmax): the tensor-parallel tolerance of tests/dist/layouts.py.
+SIGNAL_LAYOUTS = [pytest.param([], RTOL, ATOL, False, id="dp2"),
+                  pytest.param(["parallel.tp=2"], 1e-4, 1e-5, True, id="tp2")]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout, rtol, atol, dist_format", SIGNAL_LAYOUTS)
+def test_env_signal_on_one_rank_checkpoints_and_resumes(reference, cache, tmp_path, layout, rtol, atol, dist_format):
     import signal
 
+    from megatron_elastic.training.checkpoint import is_dist_checkpoint
+
     run_dir = tmp_path / "run"
-    args = [*FAST, f"run_dir={run_dir}", f"data.cache_dir={cache}", "train.save_interval=0"]
+    args = [*FAST, f"run_dir={run_dir}", f"data.cache_dir={cache}", "train.save_interval=0", *layout]
     procs = env_launch(2, *args)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 180
@@ -63,11 +75,19 @@ def test_env_dp2_signal_on_one_rank_checkpoints_and_resumes(reference, cache, tm
     assert 2 <= done[-1]["step"] < STEPS, "the signal arrived after the last step; the test needs a slower run"
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{done[-1]['step']:08d}"
+    assert is_dist_checkpoint(run_dir / "checkpoints" / latest) == dist_format
 
     procs = env_launch(2, *args)
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert_same_trace(train_records(run_dir), reference)
+    resumed = train_records(run_dir)
+    assert_same_trace(resumed, reference, rtol, atol)
+    if dist_format:  # the same layout uninterrupted: a resume from the shards is exact
+        straight = tmp_path / "straight"
+        r = torchrun(2, *FAST, f"run_dir={straight}", f"data.cache_dir={cache}", "train.save_interval=0", *layout)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert [(x["step"], x["loss"], x["grad_norm"]) for x in resumed] == [
+            (x["step"], x["loss"], x["grad_norm"]) for x in train_records(straight)]  # fmt: skip
 
 
 @pytest.mark.parametrize("extra, env, message", [

@@ -1,7 +1,9 @@
 """TP=2 x PP=2 (4 real gloo processes) in the parallel trainers reproduces the single-process loss
 traces, plain and elastic (budgets sampled, masks cut per rank from the global state, teacher split
 like the student); checkpoints reshard TP=2 x PP=2 -> one process and one process -> TP=2 x PP=2
-and continue the single-process trace; the many-in-one parent gathered from the shards matches."""
+and continue the single-process trace; the many-in-one parent gathered from the shards matches; the
+TP=2 x PP=2 checkpoint (megatron-core dist_checkpointing) is read back by megatron-core alone with a
+TP=1 sharded state dict and equals the gathered parent bit for bit."""
 
 from layouts import (
     SAVE_AT,
@@ -32,3 +34,62 @@ def test_tp2_pp2_reproduces_single_process_and_reshards(tmp_path):
     assert any(k.startswith("kd_loss/b0.") for r in ref for k in r)  # masked budgets were trained
     assert_same_trace(trace(root / "elastic_tp2pp2"), ref)
     assert_same_parent(root, "elastic_tp2pp2")
+    assert_megatron_core_reads_tp2pp2_checkpoint(root / "elastic_tp2pp2", root / "elastic_tp2pp2" / "many-in-one")
+
+
+def assert_megatron_core_reads_tp2pp2_checkpoint(run_dir, gathered) -> None:
+    """megatron-core alone, in this plain process, reads the TP=2 x PP=2 checkpoint with a TP=1
+    sharded state dict (full-size tensors under the layout-independent component keys): the
+    tensors equal the parent gathered from the shards at the same step. A damaged copy fails with
+    one line."""
+    import shutil
+
+    import pytest
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing as dc
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from safetensors.torch import load_file
+
+    from megatron_elastic.config import TrainConfig
+    from megatron_elastic.convert.native import read_native_config
+    from megatron_elastic.errors import CheckpointError
+    from megatron_elastic.model import HybridLM
+    from megatron_elastic.parallel.tensor import component_layout
+    from megatron_elastic.training import checkpoint as ckpt
+    from megatron_elastic.training.trainer import build_optimizer
+
+    root = run_dir / "checkpoints"
+    path = root / (root / "latest").read_text().strip()
+    assert ckpt.is_dist_checkpoint(path) and not list(root.glob(".*tmp*"))  # published, nothing left over
+    assert len(list(path.glob("*.distcp"))) == 4  # each of the 4 ranks wrote its own pieces
+    want = load_file(gathered / "model.safetensors")
+    config = read_native_config(gathered)
+    comps = {n: component_layout(config, n, v.dim(), 1) for n, v in want.items()}
+    assert sum(len(c) for c in comps.values()) > len(comps)  # packed parameters are stored per component
+    sd = {c.key: ShardedTensor.from_rank_offsets(c.key, torch.empty_like(want[n][c.local_slice]), replica_id=0)
+          for n, cs in comps.items() for c in cs}  # fmt: skip
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        meta = dc.load_tensors_metadata(str(path))
+        got = dc.load(sd, str(path))
+    finally:
+        dist.destroy_process_group()
+    for key in sd:  # the AdamW moments are stored under the same keys
+        assert f"optim.exp_avg.{key}" in meta and f"optim.exp_avg_sq.{key}" in meta, key
+    for n, cs in comps.items():
+        for c in cs:
+            torch.testing.assert_close(got[c.key], want[n][c.local_slice], rtol=0, atol=0)
+
+    broken = run_dir.parent / "broken_ckpt"
+    shutil.copytree(path, broken)
+    shard = min(broken.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated by a full disk
+    model = HybridLM(config)
+    optimizer = build_optimizer(model, TrainConfig())
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_checkpoint(broken, model=model, optimizer=optimizer)
+    assert "\n" not in str(err.value) and "corrupt" in str(err.value)
+    (broken / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"lacks \.metadata"):
+        ckpt.validate_checkpoint(broken, config)
