@@ -243,6 +243,10 @@ def _elastic_inputs(cfg):
 
 # ---------------------------------------------------------------------- extract
 def cmd_extract(args) -> int:
+    if getattr(args, "quantize", None):  # quantized Hugging Face exports per budget (nvidia-modelopt)
+        from megatron_elastic.deploy.quantize import cmd_extract_quantized
+
+        return cmd_extract_quantized(args)
     import json
     import time
 
@@ -396,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--out", required=True, help="output directory")
     ext.add_argument("--format", choices=("native", "hf"), default="native", help="output format")
     ext.add_argument("--overwrite", action="store_true", help="replace existing output directories")
+    ext.add_argument("--quantize", choices=("fp8", "int8", "int4_awq", "nvfp4"), default=None,
+                     help="quantize each child with nvidia-modelopt and write a quantized Hugging Face checkpoint "
+                          "(--format is then hf; nvfp4 needs CUDA); see docs/deployment.md")
+    ext.add_argument("--calib-data", default=None, metavar="PREFIX",
+                     help="calibration data: a tokenized .bin/.idx prefix (default: the built-in corpus)")
+    ext.add_argument("--calib-samples", type=int, default=32, metavar="N", help="calibration windows of 256 tokens")
+    ext.add_argument("--heldout-samples", type=int, default=16, metavar="N",
+                     help="held-out windows of 256 tokens for the loss change in the quantization report")
     ext.set_defaults(func=cmd_extract)
 
     prof = sub.add_parser("profile", help="measure a per-layer latency table on this device (for elastic.cost=latency)")
@@ -420,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_elastic.elastic.importance_cli import add_importance_subcommand
 
     add_importance_subcommand(sub)
+    from megatron_elastic.eval import cli as eval_cli
+    from megatron_elastic.inference import cli as inference_cli
+    from megatron_elastic.slurm import cli as slurm_cli
+    from megatron_elastic.tracking import sync as tracking_sync
+
+    for module in (tracking_sync, inference_cli, slurm_cli, eval_cli):
+        module.register(sub)
 
     demo = sub.add_parser("demo", help="run the pipeline demo on the built-in tiny model (CPU, minutes)")
     demo.add_argument("--out", default="runs/demo", help="output directory (replaced if it exists)")
