@@ -251,7 +251,7 @@ def cmd_extract(args) -> int:
     import time
 
     from megatron_elastic.elastic import Architecture, child_config, extract
-    from megatron_elastic.elastic.manyinone import budget_key, dir_size, read_metadata, weights_size
+    from megatron_elastic.elastic.manyinone import dir_size, read_metadata, select_budgets, weights_size
     from megatron_elastic.model.config import num_parameters
 
     ckpt = Path(args.checkpoint)
@@ -260,18 +260,9 @@ def cmd_extract(args) -> int:
 
     parent_cfg = read_native_config(ckpt)
     archs = meta["architectures"]
-    if args.all:
-        wanted = list(archs)
-    else:
-        try:
-            key = budget_key(float(args.budget))
-        except ValueError:
-            raise UserError(f"--budget {args.budget!r} is not a number; give e.g. 0.5 (or use --all)") from None
-        if key not in archs:
-            raise UserError(f"budget {args.budget} is not in this checkpoint; it holds {', '.join(archs)} (or use --all)")
-        wanted = [key]
     out = Path(args.out)
-    targets = {k: (out / f"budget-{k}" if args.all else out) for k in wanted}
+    targets = select_budgets(archs, args.budget, args.all, out)
+    wanted = list(targets)
     for path in targets.values():
         _check_output(str(path), args.overwrite)
     plans = {}

@@ -10,30 +10,27 @@
 Names are imported on first use so that importing this package (the command line does) stays cheap.
 """
 
+from megatron_elastic.utils.lazy import lazy_exports
+
 _EXPORTS = {
-    "builtin_corpus": "corpus",
-    "builtin_documents": "corpus",
-    "describe_corpus": "corpus",
-    "iter_documents": "corpus",
-    "TextTokenizer": "tokenizer",
-    "load_tokenizer": "tokenizer",
-    "IndexedTokens": "indexed",
-    "write_indexed": "indexed",
-    "open_megatron": "indexed",
-    "preprocess": "preprocess",
-    "add_data_subcommands": "preprocess",
-    "PackedDataset": "loader",
-    "PackedLoader": "loader",
-    "unigram_entropy": "loader",
-    "unigram_cross_entropy": "loader",
+    "builtin_corpus": ".corpus",
+    "builtin_documents": ".corpus",
+    "describe_corpus": ".corpus",
+    "iter_documents": ".corpus",
+    "TextTokenizer": ".tokenizer",
+    "load_tokenizer": ".tokenizer",
+    "IndexedTokens": ".indexed",
+    "write_indexed": ".indexed",
+    "open_megatron": ".indexed",
+    "preprocess": ".preprocess",
+    "add_data_subcommands": ".preprocess",
+    "PackedDataset": ".loader",
+    "PackedLoader": ".loader",
+    "unigram_entropy": ".loader",
+    "unigram_cross_entropy": ".loader",
 }
 
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

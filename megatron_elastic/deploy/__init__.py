@@ -3,7 +3,7 @@ INT4-AWQ; NVFP4 on CUDA) exported as quantized Hugging Face checkpoints, and a r
 those exports. Names are imported on first use (Model-Optimizer is imported only when quantizing).
 """
 
-import importlib
+from megatron_elastic.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "FORMATS": "megatron_elastic.deploy.quantize",
@@ -16,13 +16,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'megatron_elastic.deploy' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -299,7 +299,7 @@ def cmd_extract_quantized(args) -> int:
     from megatron_elastic.api import load_pretrained
     from megatron_elastic.convert.native import read_native_config
     from megatron_elastic.elastic import Architecture, child_config, extract
-    from megatron_elastic.elastic.manyinone import budget_key, read_metadata
+    from megatron_elastic.elastic.manyinone import read_metadata, select_budgets
 
     fmt = args.quantize
     check_format(fmt)
@@ -313,18 +313,9 @@ def cmd_extract_quantized(args) -> int:
     meta = read_metadata(ckpt)
     parent_cfg = read_native_config(ckpt)
     archs = meta["architectures"]
-    if args.all:
-        wanted = list(archs)
-    else:
-        try:
-            key = budget_key(float(args.budget))
-        except ValueError:
-            raise UserError(f"--budget {args.budget!r} is not a number; give e.g. 0.5 (or use --all)") from None
-        if key not in archs:
-            raise UserError(f"budget {args.budget} is not in this checkpoint; it holds {', '.join(archs)} (or use --all)")
-        wanted = [key]
     out = Path(args.out)
-    targets = {k: (out / f"budget-{k}" if args.all else out) for k in wanted}
+    targets = select_budgets(archs, args.budget, args.all, out)
+    wanted = list(targets)
     for path in targets.values():
         if path.exists() and not args.overwrite:
             raise UserError(f"output directory {str(path)!r} already exists; choose a new path or pass --overwrite")

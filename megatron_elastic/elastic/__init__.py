@@ -1,7 +1,7 @@
 """Elastic machinery on top of the model: axes and architectures, masks, importance, permutation,
 slicing. Names are imported on first use so the command line stays fast to start."""
 
-import importlib
+from megatron_elastic.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "extract": "megatron_elastic.elastic.slicing",
@@ -21,13 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'megatron_elastic.elastic' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_elastic.errors import CheckpointError
+from megatron_elastic.errors import CheckpointError, UserError
 
 FORMAT = "megatron-elastic-many-in-one"
 FORMAT_VERSION = 1
@@ -26,6 +26,22 @@ FORMAT_VERSION = 1
 
 def budget_key(budget: float) -> str:
     return f"{budget:.4g}"
+
+
+def select_budgets(archs: dict, budget: str | None, all_budgets: bool, out: Path) -> dict[str, Path]:
+    """The budgets an ``extract`` command asked for (``--budget B`` or ``--all``) -> output directory each
+    (``out`` itself for one budget, ``out/budget-B`` for all)."""
+    if all_budgets:
+        wanted = list(archs)
+    else:
+        try:
+            key = budget_key(float(budget))
+        except (TypeError, ValueError):
+            raise UserError(f"--budget {budget!r} is not a number; give e.g. 0.5 (or use --all)") from None
+        if key not in archs:
+            raise UserError(f"budget {budget} is not in this checkpoint; it holds {', '.join(archs)} (or use --all)")
+        wanted = [key]
+    return {k: (out / f"budget-{k}" if all_budgets else out) for k in wanted}
 
 
 def metadata(space, budgets, architecture_for, *, cost_fraction, cfg) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from megatron_elastic.elastic.space import Architecture, axes_of, child_config, layer_axes
-from megatron_elastic.model.config import ATTENTION, MAMBA, MLP
+from megatron_elastic.model.config import ATTENTION, MLP
 from megatron_elastic.model.hybrid import HybridLM
 
 

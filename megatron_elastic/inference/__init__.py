@@ -4,7 +4,7 @@ many-in-one checkpoint from one copy of the parent's weights (:class:`ElasticMod
 Names are imported on first use so the command line stays fast to start.
 """
 
-import importlib
+from megatron_elastic.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "greedy_generate": "megatron_elastic.inference.generate",
@@ -15,13 +15,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'megatron_elastic.inference' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

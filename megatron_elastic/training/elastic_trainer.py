@@ -85,7 +85,7 @@ class ElasticTrainer(Trainer):
         self.teacher = copy.deepcopy(self._parent).to(self.device).eval().requires_grad_(False)
         self.teacher_forwards = 0
         self.in_stage2 = False
-        e, d = cfg.elastic, cfg.distill
+        d = cfg.distill
         self.cost = build_cost(cfg, self.space)
         self.full_cost = float(self.cost.full)
         self.sampler = BudgetSampler(
