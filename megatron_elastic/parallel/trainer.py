@@ -63,6 +63,10 @@ class ParallelMixin:
             from megatron_elastic.parallel.tensor import apply_tensor_parallel
 
             fp8 = FP8Config.from_parallel(p) if p.fp8 else None
+            if p.fp8:  # the elastic choices too, not only the parent's shapes: every child runs FP8 GEMMs
+                from megatron_elastic.parallel.fp8 import check_fp8_divisibility
+
+                check_fp8_divisibility(model.config, g.tp_size, self.cfg.elastic)
             model = apply_tensor_parallel(model, g.tp, linears="transformer_engine" if p.fp8 else "megatron", fp8=fp8,
                                           sequence_parallel=p.sequence_parallel)  # fmt: skip
         if g.pp_size > 1:
