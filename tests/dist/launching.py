@@ -3,10 +3,11 @@ launch/train.py, metric traces."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from spawning import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -14,12 +15,6 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 ENTRY = str(REPO / "launch" / "train.py")
 # Worker processes use one thread each: the test machine has two cores for two ranks.
 BASE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:

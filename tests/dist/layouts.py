@@ -5,13 +5,12 @@ workers), and compare metric traces."""
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawning import spawn_ranks
 
 # fp32 throughout. PP runs the very same ops; TP changes the order of reductions (all-reduced
 # partial matmuls, vocabulary-parallel softmax sums); router gradients are sums over stages / shards
@@ -33,12 +32,6 @@ ELASTIC = ["data.builtin_max_mb=0.5", "data.seq_len=32", "train.micro_batch_size
            "train.max_steps=3", "train.save_interval=0", "elastic.router_warmup_steps=100",
            "elastic.router_lr_multiplier=1", "distill.ce_weight=1.0"]  # fmt: skip
 DEPTH_ORDER = [3, 1, 6, 4, 2, 5, 0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_parent(root: Path) -> None:
@@ -110,18 +103,7 @@ def spawn_layout(root: Path, *, tp: int, pp: int, runs: list, dp: int = 1, timeo
     """Train ``runs`` ([(kind, run_dir name)]) on a tp x pp x dp layout of real gloo processes;
     assert every exit code is 0."""
     world = tp * pp * dp
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, world, tp, pp, str(root), runs)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=timeout)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0] * world, f"worker exit codes {codes}"
+    spawn_ranks(_worker, world, tp, pp, str(root), runs, world=world, timeout=timeout)
 
 
 def resume_copy(src: Path, dst: Path, step: int) -> Path:

@@ -5,21 +5,14 @@ data-parallel trainer relies on.
 """
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawning import spawn_ranks
 
 from megatron_elastic.model import HybridLM, preset
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch():
@@ -50,18 +43,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_dp_gradient_average_equals_full_batch(tmp_path):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0] * WORLD, f"worker exit codes {codes}"
+    spawn_ranks(_worker, str(tmp_path), world=WORLD, timeout=240)
 
     torch.manual_seed(0)
     model = HybridLM(preset("tiny"))

@@ -10,7 +10,6 @@ with sequence parallelism.
 
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from reference import randomize_
+from spawning import spawn_ranks
 
 from megatron_elastic.distill.losses import forward_kl
 from megatron_elastic.elastic import Architecture, LayerArch, full_architecture, hard_state
@@ -39,26 +39,9 @@ TIED = CFG | dict(tie_embeddings=True)
 SEEDS = (0, 1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(worker, *args, world: int = TP, timeout: float = 300) -> None:
-    """Run ``worker(rank, port, *args)`` in ``world`` fresh processes; assert every exit code is 0."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, *args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=timeout)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0] * world, f"worker exit codes {codes}"
+    """Run ``worker(rank, port, *args)`` in ``world`` (default: TP) fresh processes; assert every exit code is 0."""
+    spawn_ranks(worker, *args, world=world, timeout=timeout)
 
 
 def init_worker(rank: int, port: int) -> None:

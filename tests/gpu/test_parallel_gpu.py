@@ -10,14 +10,13 @@ runs them all and treats a skip for a missing package as a failure):
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from reference import randomize_
+from spawning import free_port, spawn_ranks
 
 from megatron_elastic.model import HybridConfig, HybridLM
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
@@ -44,17 +43,11 @@ def require(module: str):
         pytest.skip(message)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def group():
     """A one-process NCCL group on this GPU (TP=1)."""
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield dist.group.WORLD
     dist.destroy_process_group()
 
@@ -225,14 +218,7 @@ def test_tp2_nccl_equals_one_gpu(tmp_path, sequence_parallel, linears):
         pytest.skip("needs two GPUs")
     if linears == "transformer_engine":
         require("transformer_engine.pytorch")
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_tp2_worker, args=(r, port, str(tmp_path), sequence_parallel, linears)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    spawn_ranks(_tp2_worker, str(tmp_path), sequence_parallel, linears, world=2, timeout=300)
     ref = _model().cuda()
     tokens = _tokens()
     logits = ref(tokens[:, :-1], elastic=_state(ref.config))

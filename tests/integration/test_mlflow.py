@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from spawning import free_port
 from test_elastic import FAST, cache, parent_dir, records  # noqa: F401 - shared fixtures of the elastic tests
 
 from megatron_elastic.config import load_config
@@ -24,12 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 SECRET = "pw-Zq81xv"
 # One micro-batch per step and one validation batch: a step takes about a second on two cores.
 TINY = [*FAST, "train.global_batch_size=4", "train.eval_batches=1", "tracking.peak_tflops=0.05"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
