@@ -85,10 +85,10 @@ def cmd_eval(args) -> int:
 
     start = time.perf_counter()
     ctx = build_context(run_cfg, ecfg, log=_say)  # every input checked (shift text, corpus) before models load
-    import megatron_elastic
+    from megatron_elastic.api import load_pretrained
     from megatron_elastic.elastic import Architecture, extract
 
-    parent = megatron_elastic.load_pretrained(ckpt)
+    parent = load_pretrained(ckpt)
     models = {}
     for key in keys:
         models[key] = parent if meta is None else extract(parent, Architecture.from_dict(meta["architectures"][key])).eval()

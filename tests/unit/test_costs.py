@@ -160,8 +160,19 @@ def test_profile_latency_measures_every_choice():
     assert set(table["-"]) == {384, 192} and set(table["*"]) == {4, 2} and set(table["M"]) == {256, 128}
     assert set(table["output"]) == {128, 64} and table["hidden_size"] == 128
     assert all(t > 0 for kind in ("M", "*", "-", "output") for t in table[kind].values())
+    # Structure, not timings: the cost of an architecture is the table's entries at its sizes, summed
+    # over its layers and scaled by its hidden size (a measured time may be anything positive).
     cost = Cost(sp, "latency", table=json.loads(json.dumps(table)))
-    assert 0 < cost(one_hot(sp, dict(ffn=1, mamba_heads=1, hidden=1))).item() < cost.full
+    n = {kind: cfg.layer_types.count(kind) for kind in ("M", "*", "-")}
+
+    def by_hand(hidden, mamba_width, heads, ffn):
+        scale = hidden / table["hidden_size"]
+        return table["output"][hidden] + scale * (n["M"] * table["M"][mamba_width] + n["*"] * table["*"][heads]
+                                                  + n["-"] * table["-"][ffn])  # fmt: skip
+
+    assert float(cost.full) == pytest.approx(by_hand(128, 256, 4, 384), rel=1e-9)
+    small = cost(one_hot(sp, dict(ffn=1, mamba_heads=1, hidden=1))).item()
+    assert small == pytest.approx(by_hand(64, 128, 4, 192), rel=1e-9)
 
 
 def test_router_loss_band():
