@@ -21,7 +21,7 @@ import torch
 from megatron_elastic.errors import CheckpointError
 from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, HybridConfig
 from megatron_elastic.model.hybrid import HybridLM
-from megatron_elastic.utils.io import atomic_directory, load_safetensors, read_json, write_json
+from megatron_elastic.utils.io import atomic_directory, contained_path, load_safetensors, read_json, write_json
 
 from megatron_elastic.convert.native import copy_side_files, load_state_into, stored_dtype
 
@@ -225,8 +225,9 @@ def read_hf_weights(src: Path, *, dtype: torch.dtype | None) -> dict[str, torch.
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{str(index)!r} has no weight_map; the index file is corrupt")
         state = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(load_safetensors(src / shard, dtype=dtype))
+        shards = [contained_path(src, name, "safetensors shard") for name in weight_map.values()]
+        for shard in sorted(set(shards)):
+            state.update(load_safetensors(shard, dtype=dtype))
         missing = sorted(set(weight_map) - set(state))
         if missing:
             raise CheckpointError(f"{src}: tensors listed in the index are missing from the shards, e.g. {missing[:3]}")

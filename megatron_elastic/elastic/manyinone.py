@@ -88,7 +88,23 @@ def read_metadata(path: Path) -> dict:
         )
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{str(path)!r}: many-in-one format_version {meta.get('format_version')!r} is not supported")
+    archs = meta.get("architectures")
+    if not isinstance(archs, dict) or not archs:
+        raise CheckpointError(f"{str(path)!r}: elastic.json lists no architectures; the file is corrupt")
+    for key in archs:  # keys name output directories (extract --all): only canonical budget numbers
+        if not is_budget_key(key):
+            raise CheckpointError(f"{str(path)!r}: elastic.json has a budget key {str(key)[:40]!r} that is not a budget "
+                                  "fraction like '0.5'; the file is corrupt or was not written by megatron-elastic")  # fmt: skip
     return meta
+
+
+def is_budget_key(key: object) -> bool:
+    """Whether ``key`` is what :func:`budget_key` writes for a budget in (0, 1]."""
+    try:
+        value = float(key)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return isinstance(key, str) and 0.0 < value <= 1.0 and budget_key(value) == key
 
 
 def weights_size(path: Path) -> int:

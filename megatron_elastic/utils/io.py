@@ -94,3 +94,17 @@ def load_safetensors(path: Path, *, dtype: torch.dtype | None = None) -> dict[st
             "corrupt: copy it again or re-run the conversion"
         ) from None
     return out
+
+
+def contained_path(root: Path, name: object, what: str) -> Path:
+    """``root / name`` for a file name read from a file in ``root``, refused (CheckpointError) unless it
+    is a plain relative path that stays inside ``root``: such names must never reach other files."""
+    root = Path(root)
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{str(root)!r}: {what} {str(name)[:80]!r} is not a file name; the file listing it is corrupt")
+    candidate = Path(name)
+    resolved = (root / candidate).resolve()
+    if candidate.is_absolute() or ".." in candidate.parts or not resolved.is_relative_to(root.resolve()):
+        raise CheckpointError(f"{str(root)!r}: {what} {name[:80]!r} points outside the directory; refusing to read "
+                              "it (only names inside the directory are allowed)")  # fmt: skip
+    return root / candidate
