@@ -13,15 +13,21 @@ from torch import nn
 from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, HybridConfig
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 from megatron_elastic.model.layers import MLP as MLPMixer
-from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mixer, RMSNorm
+from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mixer, RMSNorm, recomputed
 
 # The layer spec: which module implements each pattern symbol. Parallel or fused variants are
 # swapped in by passing another mapping, not by branches inside the layers.
 REFERENCE_MIXERS: Mapping[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: MLPMixer}
 
+# Activation recomputation modes (``train.recompute``): what backward recomputes instead of keeping.
+RECOMPUTE_MODES = ("none", "selective", "full")
+
 
 class HybridBlock(nn.Module):
-    """x + mixer(RMSNorm(x))."""
+    """x + mixer(RMSNorm(x)).  ``recompute_block`` (full recomputation): only the block's input is
+    kept for backward; norm, mixer and masks run again there."""
+
+    recompute_block = False  # a class default: the sequence-parallel variant skips this __init__
 
     def __init__(self, config: HybridConfig, index: int, mixers: Mapping[str, type[nn.Module]]):
         super().__init__()
@@ -35,12 +41,16 @@ class HybridBlock(nn.Module):
         keep = 1.0 if mask is None else mask.keep
         if not torch.is_tensor(keep) and keep == 0:
             return hidden_BLD  # a skipped layer is the identity
+        return hidden_BLD + recomputed(self.recompute_block, self._branch, hidden_BLD, hidden_mask, mask)
+
+    def _branch(self, hidden_BLD: torch.Tensor, hidden_mask: torch.Tensor | None, mask: LayerMask | None) -> torch.Tensor:
+        keep = 1.0 if mask is None else mask.keep
         out = self.mixer(self.norm(hidden_BLD, hidden_mask), mask)
         if hidden_mask is not None:  # keep dropped residual channels at exactly zero
             out = out * hidden_mask.to(out.dtype)
         if torch.is_tensor(keep) or keep != 1:
             out = out * keep
-        return hidden_BLD + out
+        return out
 
     def forward_cached(self, hidden_BLD: torch.Tensor, state=None):
         """``forward`` continued from the mixer's decoding state; returns (output, new state).
@@ -54,6 +64,20 @@ class HybridBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"type={LAYER_NAMES[self.layer_type]}"
+
+
+def set_recompute(model: nn.Module, mode: str) -> None:
+    """Activation recomputation for every block of ``model`` (a HybridLM, a pipeline stage, or their
+    tensor-parallel versions: apply it after parallelising). ``none`` keeps every intermediate;
+    ``selective`` recomputes the cheap, large parts (Mamba conv + scan + gated norm, the attention
+    core, the squared ReLU); ``full`` keeps only each block's input and recomputes the block."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute mode {mode!r} is invalid; use one of {', '.join(RECOMPUTE_MODES)}")
+    for module in model.modules():
+        if isinstance(module, HybridBlock):
+            module.recompute_block = mode == "full"
+        elif isinstance(module, (Mamba2Mixer, Attention, MLPMixer)):
+            module.recompute_core = mode == "selective"
 
 
 class OutputHead(nn.Module):

@@ -10,10 +10,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_elastic.model import kernels
 from megatron_elastic.model.config import HybridConfig, LayerDims
 from megatron_elastic.model.elastic_state import LayerMask
+
+
+def recomputed(enabled: bool, function, *args):
+    """``function(*args)``; with ``enabled`` (and gradients on) its intermediates are not kept for
+    backward but recomputed there: only ``args`` are saved. torch's non-reentrant checkpoint, since
+    mask tensors that carry the router's gradient reach ``function`` inside dataclasses, and the model
+    has no dropout, so there is no random state to replay."""
+    if not enabled or not torch.is_grad_enabled():
+        return function(*args)
+    return checkpoint(function, *args, use_reentrant=False)
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +79,12 @@ class GatedGroupRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
-    """Mamba-2 mixer: in_proj -> causal conv1d + SiLU over [x, B, C] -> SSD scan -> gated norm -> out_proj."""
+    """Mamba-2 mixer: in_proj -> causal conv1d + SiLU over [x, B, C] -> SSD scan -> gated norm -> out_proj.
+
+    ``recompute_core`` (selective recomputation): conv, scan and gated norm are recomputed in
+    backward from the in_proj output, so the scan's chunk intermediates are never kept."""
+
+    recompute_core = False  # a class default: the tensor-parallel variants skip this __init__
 
     def __init__(self, config: HybridConfig, dims: LayerDims):
         super().__init__()
@@ -107,9 +123,14 @@ class Mamba2Mixer(nn.Module):
         # Heads and head channels are independent through conv, scan and gate (only B/C are
         # shared, and they are never masked), so masking the gated output y * silu(z) and
         # normalising over the kept channels equals running the sliced mixer.
-        b, L, _ = hidden_BLD.shape
-        backend = kernels.backend_for(hidden_BLD)
         zxbcdt = self.in_proj(hidden_BLD)
+        y = recomputed(self.recompute_core, self._core, zxbcdt, self.channel_mask(mask))
+        return self.out_proj(y.to(hidden_BLD.dtype))
+
+    def _core(self, zxbcdt: torch.Tensor, channel_mask: torch.Tensor | None) -> torch.Tensor:
+        """in_proj output (b, L, in_proj_dim) -> gated, normalised scan output (b, L, d_inner) fp32."""
+        b, L, _ = zxbcdt.shape
+        backend = kernels.backend_for(zxbcdt)
         z, xBC, dt_raw = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         xBC = kernels.causal_conv1d_silu_bld(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, backend)  # (b, L, conv_dim)
         gn = self.num_groups * self.state_dim
@@ -126,8 +147,7 @@ class Mamba2Mixer(nn.Module):
             chunk_size=self.chunk_size,
             backend=backend,
         )  # (b, L, H, P) fp32
-        y = self.norm(y.reshape(b, L, self.d_inner), z, self.channel_mask(mask))
-        return self.out_proj(y.to(hidden_BLD.dtype))
+        return self.norm(y.reshape(b, L, self.d_inner), z, channel_mask)
 
     def forward_cached(self, hidden_BLD: torch.Tensor, state=None):
         """``forward`` continued from a decoding ``state`` (:class:`~megatron_elastic.model.cache.MambaState`,
@@ -172,7 +192,12 @@ class Mamba2Mixer(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention, no positional encoding (order comes from the Mamba layers)."""
+    """Causal grouped-query self-attention, no positional encoding (order comes from the Mamba layers).
+
+    ``recompute_core`` (selective recomputation): the attention core is recomputed in backward from
+    q, k, v, so the attention weights (the math path's (L, L) matrices) are never kept."""
+
+    recompute_core = False  # a class default: the tensor-parallel variants skip this __init__
 
     def __init__(self, config: HybridConfig, dims: LayerDims):
         super().__init__()
@@ -190,13 +215,19 @@ class Attention(nn.Module):
         q = self.q_proj(hidden_BLD).view(b, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_BLD).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_BLD).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        heads = None if mask is None else mask.attn_heads
+        return self.o_proj(recomputed(self.recompute_core, self._core, q, k, v, heads))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
+        """q (b, heads, L, hd), k and v (b, kv_heads, L, hd) -> (b, L, heads * hd)."""
+        b, _, L, _ = q.shape
         # query head j reads KV head j // (num_heads / num_kv_heads)
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads
         )  # (b, heads, L, head_dim)
-        if mask is not None and mask.attn_heads is not None:  # heads are independent: mask their outputs
-            out = out * mask.attn_heads.to(out.dtype)[None, :, None, None]
-        return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
+        if heads is not None:  # heads are independent: mask their outputs
+            out = out * heads.to(out.dtype)[None, :, None, None]
+        return out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim)
 
     def forward_cached(self, hidden_BLD: torch.Tensor, state=None):
         """``forward`` continued from a :class:`~megatron_elastic.model.cache.KVCache` (None at the
@@ -222,7 +253,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """down(relu(up(x))^2): squared-ReLU, no gate."""
+    """down(relu(up(x))^2): squared-ReLU, no gate.
+
+    ``recompute_core`` (selective recomputation): the squared ReLU is recomputed in backward from
+    the up-projection's output, so its two FFN-wide intermediates are never kept."""
+
+    recompute_core = False  # a class default: the tensor-parallel variants skip this __init__
 
     def __init__(self, config: HybridConfig, dims: LayerDims):
         super().__init__()
@@ -230,7 +266,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(dims.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, hidden_BLD: torch.Tensor, mask: LayerMask | None = None) -> torch.Tensor:
-        act = torch.square(F.relu(self.up_proj(hidden_BLD)))
-        if mask is not None and mask.ffn is not None:
-            act = act * mask.ffn.to(act.dtype)
-        return self.down_proj(act)
+        neurons = None if mask is None else mask.ffn
+        return self.down_proj(recomputed(self.recompute_core, _squared_relu, self.up_proj(hidden_BLD), neurons))
+
+
+def _squared_relu(up: torch.Tensor, neurons: torch.Tensor | None) -> torch.Tensor:
+    act = torch.square(F.relu(up))
+    return act if neurons is None else act * neurons.to(act.dtype)
