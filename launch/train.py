@@ -44,29 +44,26 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import torch.distributed as dist
 
-    from megatron_elastic.cli import _elastic_inputs
     from megatron_elastic.config import load_config
     from megatron_elastic.errors import ConfigError
     from megatron_elastic.parallel.groups import destroy_parallel, env_world_size, init_parallel
-    from megatron_elastic.training import checkpoint
     from megatron_elastic.training.data_setup import build_training_data
+    from megatron_elastic.training.run import check_resume, resolve_elastic_run
     from megatron_elastic.training.trainer import resolve_device
 
     cfg = load_config(args.config, args.overrides)
-    parent_path = depth_order = None
-    if cfg.elastic is not None:
-        cfg, parent_path, depth_order = _elastic_inputs(cfg)
+    run = resolve_elastic_run(cfg) if cfg.elastic is not None else None
+    if run is not None:
+        cfg = run.cfg
     device = resolve_device(cfg.train.device)
     p = cfg.parallel
     p.resolve_dp(env_world_size())  # the layout must tile the world before anyone waits on a rendezvous
     if p.pp > 1 and device.type != "cuda":
         raise ConfigError("parallel.pp > 1 needs CUDA devices: megatron-core's pipeline schedule allocates its "
                           "communication buffers on CUDA; use parallel.pp=1 on CPU")  # fmt: skip
-    if p.fp8 and device.type != "cuda":
-        raise ConfigError("parallel.fp8=true needs CUDA devices (Transformer Engine); turn it off on CPU")
-    latest = checkpoint.latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
-    if latest is not None:  # a run to resume: check it before any rendezvous or data
-        checkpoint.validate_checkpoint(latest, cfg.model)
+    if p.fp8.enabled and device.type != "cuda":
+        raise ConfigError("parallel.fp8.enabled=true needs CUDA devices (Transformer Engine); turn it off on CPU")
+    check_resume(cfg)  # a run to resume: checked before any rendezvous or data
     groups = init_parallel(p, device)
     try:
         if groups.rank == 0:
@@ -79,12 +76,12 @@ def run(args) -> int:
             dist.barrier()
         if groups.rank != 0:
             data = build_training_data(cfg, dp_rank=groups.dp_rank, dp_world_size=groups.dp_size, log=lambda m: None)
-        if cfg.elastic is not None:
+        if run is not None:
             from megatron_elastic.api import load_pretrained
             from megatron_elastic.parallel.trainer import ParallelElasticTrainer
 
-            parent = load_pretrained(parent_path).train()
-            trainer = ParallelElasticTrainer(cfg, data, depth_order=depth_order, parent=parent, groups=groups)
+            parent = load_pretrained(run.parent).train()
+            trainer = ParallelElasticTrainer(cfg, data, depth_order=run.depth_order, parent=parent, groups=groups)
         else:
             from megatron_elastic.parallel.trainer import ParallelTrainer
 

@@ -66,3 +66,15 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = torch.float
             "model (no config.json); point at a model directory"
         )
     return model.eval()
+
+
+def save_model(model, dst: str | Path, fmt: str = "native", *, overwrite: bool = False,
+               side_files_from: Path | None = None, extra_files: dict[str, str | bytes] | None = None) -> Path:  # fmt: skip
+    """Write ``model`` as a native (``fmt="native"``) or Hugging Face ``nemotron_h`` (``"hf"``) directory."""
+    if fmt == "hf":
+        from megatron_elastic.convert.hf import save_hf
+
+        return save_hf(model, dst, overwrite=overwrite, side_files_from=side_files_from, extra_files=extra_files)
+    from megatron_elastic.convert.native import save_native
+
+    return save_native(model, dst, overwrite=overwrite, side_files_from=side_files_from, extra_files=extra_files)

@@ -94,37 +94,10 @@ def _round_to_groups(k: int, groups: int) -> int:
     return max(groups, (k // groups) * groups)
 
 
-def _depth_order(ckpt: Path, explicit: str | None) -> list[int]:
-    import json
-
-    candidates = [Path(explicit)] if explicit else [ckpt / "ranking.json", ckpt.parent / "ranking.json"]
-    for path in candidates:
-        if path.is_file():
-            try:
-                return [int(i) for i in json.loads(path.read_text())["depth"]["order"]]
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{str(path)!r} has no depth order (depth.order); regenerate it with `megatron-elastic importance`") from None
-    if explicit:
-        raise UserError(f"ranking file {explicit!r} does not exist; run `megatron-elastic importance` first")
-    raise UserError("--layers needs a depth ranking (ranking.json from `megatron-elastic importance`, beside or "
-                    "inside the checkpoint, or --ranking FILE); or name the layers with --drop-layers")  # fmt: skip
-
-
-def _save_model(model, dst, fmt: str, *, overwrite: bool, side_files_from: Path, extra: dict) -> None:
-    if fmt == "hf":
-        from megatron_elastic.convert.hf import save_hf
-
-        save_hf(model, dst, overwrite=overwrite, side_files_from=side_files_from, extra_files=extra)
-    else:
-        from megatron_elastic.convert.native import save_native
-
-        save_native(model, dst, overwrite=overwrite, side_files_from=side_files_from, extra_files=extra)
-
-
 def cmd_prune(args) -> int:
     import json
 
-    from megatron_elastic.api import load_pretrained
+    from megatron_elastic.api import load_pretrained, save_model
     from megatron_elastic.elastic import axes_of, child_config, extract, homogeneous
     from megatron_elastic.model.config import num_parameters
 
@@ -148,7 +121,13 @@ def cmd_prune(args) -> int:
     if args.layers is not None:
         if not 0 < args.layers <= cfg.num_layers:
             raise UserError(f"--layers {args.layers} must be between 1 and the parent's {cfg.num_layers} layers")
-        drop = _depth_order(ckpt, args.ranking)[: cfg.num_layers - args.layers]
+        from megatron_elastic.elastic.importance import find_ranking, read_depth_order
+
+        ranking = find_ranking(ckpt, args.ranking, key="--ranking")
+        if ranking is None:
+            raise UserError("--layers needs a depth ranking (ranking.json from `megatron-elastic importance`, beside or "
+                            "inside the checkpoint, or --ranking FILE); or name the layers with --drop-layers")  # fmt: skip
+        drop = read_depth_order(ranking)[: cfg.num_layers - args.layers]
     arch = homogeneous(cfg, **sizes, drop_layers=tuple(drop))  # validates: one-line errors before any compute
     child_cfg = child_config(cfg, arch)
     if args.format == "hf":
@@ -156,7 +135,7 @@ def cmd_prune(args) -> int:
     model = load_pretrained(ckpt, dtype=None)
     child = extract(model, arch).eval()
     extra = {"architecture.json": json.dumps(arch.to_dict(), indent=2) + "\n"}
-    _save_model(child, args.out, args.format, overwrite=args.overwrite, side_files_from=ckpt, extra=extra)
+    save_model(child, args.out, args.format, overwrite=args.overwrite, side_files_from=ckpt, extra_files=extra)
     parent_n, child_n = sum(num_parameters(cfg).values()), sum(num_parameters(child_cfg).values())
     print(f"pruned {args.checkpoint} ({parent_n:,} parameters, pattern {''.join(cfg.layer_types)}) -> {args.out} "
           f"({child_n:,} parameters = {100 * child_n / parent_n:.1f}%, pattern {child_cfg.pattern}, "
@@ -174,71 +153,9 @@ def cmd_train(args) -> int:
         overrides.append("tracking.backends=console,mlflow")
     cfg = load_config(args.config, overrides)
 
-    from megatron_elastic.training import checkpoint
-    from megatron_elastic.training.data_setup import build_training_data
-    from megatron_elastic.training.trainer import Trainer
+    from megatron_elastic.training.run import run_training
 
-    if cfg.elastic is not None:
-        cfg, parent_path, depth_order = _elastic_inputs(cfg)
-    latest = checkpoint.latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
-    if latest is not None:  # a run to resume: check it before preparing data or building anything
-        checkpoint.validate_checkpoint(latest, cfg.model)
-    data = build_training_data(cfg)  # every input checked before the model is built
-    if cfg.elastic is not None:
-        from megatron_elastic.api import load_pretrained
-        from megatron_elastic.training.elastic_trainer import ElasticTrainer
-
-        parent = load_pretrained(parent_path).train()
-        result = ElasticTrainer(cfg, data, depth_order=depth_order, parent=parent).fit()
-    else:
-        result = Trainer(cfg, data).fit()
-    if result.exit_code == 0 and result.val_loss is not None:
-        base = data.unigram_baseline
-        print(f"[train] final validation loss {result.val_loss:.4f} nats/token"
-              + (f" (unigram baseline {base:.4f})" if base is not None else ""), flush=True)  # fmt: skip
-    return result.exit_code
-
-
-def _elastic_inputs(cfg):
-    """The parent's config replaces the recipe's model section; the depth order comes from the
-    importance ranking. All checked before any data or compute."""
-    import dataclasses
-    import json
-
-    from megatron_elastic.api import read_model_config
-
-    parent = Path(cfg.elastic.parent)
-    model_cfg = read_model_config(parent, what="elastic.parent")
-    ranking = Path(cfg.elastic.ranking) if cfg.elastic.ranking else None
-    if ranking is None:
-        for candidate in (parent / "ranking.json", parent.parent / "ranking.json"):
-            if candidate.is_file():
-                ranking = candidate
-                break
-    depth_order = None
-    if ranking is not None:
-        if not ranking.is_file():
-            raise UserError(f"elastic.ranking={str(ranking)!r} does not exist; run `megatron-elastic importance`")
-        try:
-            depth_order = [int(i) for i in json.loads(ranking.read_text())["depth"]["order"]]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{str(ranking)!r} has no depth order; regenerate it with `megatron-elastic importance`") from None
-    elastic = dataclasses.replace(cfg.elastic, ranking=str(ranking) if ranking else "")
-    cfg = dataclasses.replace(cfg, model=model_cfg, elastic=elastic)
-    cfg.validate()
-    from megatron_elastic.training.elastic_trainer import build_space, check_budgets_reachable
-
-    space = build_space(cfg, depth_order)  # an infeasible space fails here, with one line
-    check_budgets_reachable(cfg, space)
-    from megatron_elastic.training import checkpoint
-
-    latest = checkpoint.latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
-    if latest is not None and (latest / "elastic.json").is_file():
-        saved = json.loads((latest / "elastic.json").read_text())
-        if saved.get("space") != json.loads(json.dumps(space.to_dict())) or saved.get("budgets") != cfg.elastic.budgets:
-            raise UserError(f"checkpoint {str(latest)!r} was trained with another elastic space (choices, budgets or "
-                            "depth order differ); resume with the same elastic settings or use a new run_dir")  # fmt: skip
-    return cfg, parent, depth_order
+    return run_training(cfg).exit_code
 
 
 # ---------------------------------------------------------------------- extract
@@ -247,51 +164,10 @@ def cmd_extract(args) -> int:
         from megatron_elastic.deploy.quantize import cmd_extract_quantized
 
         return cmd_extract_quantized(args)
-    import json
-    import time
+    from megatron_elastic.elastic.manyinone import extract_budgets
 
-    from megatron_elastic.elastic import Architecture, child_config, extract
-    from megatron_elastic.elastic.manyinone import dir_size, read_metadata, select_budgets, weights_size
-    from megatron_elastic.model.config import num_parameters
-
-    ckpt = Path(args.checkpoint)
-    meta = read_metadata(ckpt)
-    from megatron_elastic.convert.native import read_native_config
-
-    parent_cfg = read_native_config(ckpt)
-    archs = meta["architectures"]
-    out = Path(args.out)
-    targets = select_budgets(archs, args.budget, args.all, out)
-    wanted = list(targets)
-    for path in targets.values():
-        _check_output(str(path), args.overwrite)
-    plans = {}
-    for key in wanted:
-        arch = Architecture.from_dict(archs[key])
-        child_cfg = child_config(parent_cfg, arch)  # validates against the parent
-        if args.format == "hf":
-            from megatron_elastic.convert.hf import config_to_hf
-
-            config_to_hf(child_cfg)
-        plans[key] = (arch, child_cfg)
-    from megatron_elastic.api import load_pretrained
-
-    parent = load_pretrained(ckpt, dtype=None)
-    total = sum(num_parameters(parent_cfg).values())
-    ratio = dir_size(ckpt) / weights_size(ckpt)
-    print(f"many-in-one checkpoint {ckpt}: {len(archs)} budgets ({meta['cost']} cost), {dir_size(ckpt):,} bytes on disk "
-          f"= {ratio:.4f}x the parent's weights")  # fmt: skip
-    print(f"{'budget':>8}{'parameters':>14}{'% params':>10}  pattern / sizes -> output")
-    for key, (arch, child_cfg) in plans.items():
-        t0 = time.perf_counter()
-        child = extract(parent, arch).eval()
-        extra = {"architecture.json": json.dumps(arch.to_dict(), indent=2) + "\n"}
-        _save_model(child, targets[key], args.format, overwrite=args.overwrite, side_files_from=ckpt, extra=extra)
-        n = child.num_parameters()
-        c = child_cfg
-        print(f"{key:>8}{n:>14,}{100 * n / total:>9.1f}%  {c.pattern} d={c.hidden_size} ffn={c.ffn_hidden_size} "
-              f"attn={c.num_attention_heads} mamba={c.mamba_num_heads}x{c.mamba_head_dim} -> {targets[key]} "
-              f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+    extract_budgets(args.checkpoint, args.out, budget=args.budget, all_budgets=args.all, fmt=args.format,
+                    overwrite=args.overwrite)  # fmt: skip
     return 0
 
 
@@ -330,6 +206,78 @@ def cmd_profile(args) -> int:
     os.replace(tmp, out)
     print(f"[profile] latency table -> {out} (use it with elastic.cost=latency elastic.latency_table={out})")
     return 0
+
+
+# ---------------------------------------------------------------------- importance
+# Equal to megatron_elastic.elastic.importance.DEPTH_METHODS (tested); repeated here so that building
+# the parser does not import torch.
+DEPTH_METHODS = ("iterative-mse", "block-influence", "random")
+IMPORTANCE_BATCHES = 8
+IMPORTANCE_BATCH_SIZE = 4
+
+
+def _count(flag: str, value, *, allow_zero: bool = False) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < (0 if allow_zero else 1):
+        need = "a non-negative integer" if allow_zero else "a positive integer"
+        raise UserError(f"{flag}={value!r} is invalid; give {need}")
+    return number
+
+
+def cmd_importance(args) -> int:
+    # every flag checked before anything is loaded
+    if not args.checkpoint:
+        raise UserError("--checkpoint is required; give a native or Hugging Face model directory")
+    if not args.out:
+        raise UserError("--out is required; give a directory for the permuted parent and the ranking")
+    batches = _count("--batches", args.batches)
+    batch_size = _count("--batch-size", args.batch_size)
+    seq_len = None if args.seq_len is None else _count("--seq-len", args.seq_len)
+    seed = _count("--seed", args.seed, allow_zero=True)
+    if args.depth_method not in DEPTH_METHODS:
+        raise UserError(f"--depth-method={args.depth_method!r} is unknown; use one of {', '.join(DEPTH_METHODS)}")
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device={args.device!r} is invalid; use auto, cpu or cuda")
+    from megatron_elastic.training.run import rank_and_permute
+
+    rank_and_permute(args.checkpoint, args.out, recipe=args.config, overrides=args.overrides, batches=batches,
+                     batch_size=batch_size, seq_len=seq_len, depth_method=args.depth_method, seed=seed,
+                     device=args.device, overwrite=args.overwrite)  # fmt: skip
+    return 0
+
+
+def add_importance_parser(sub) -> None:
+    p = sub.add_parser(
+        "importance",
+        help="rank channels, neurons, heads and layers on calibration data; write the permuted parent",
+        description="Activation-based importance of every elastic axis (hidden channels, FFN neurons, attention "
+        "and Mamba heads, Mamba head channels, depth), then permute the parent so that index order is importance "
+        "order. Writes DIR/parent (native model), DIR/ranking.json and DIR/importance.md.",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, metavar="CKPT", help="native or Hugging Face nemotron_h model directory"
+    )
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--config", default=None, metavar="RECIPE",
+                   help="recipe whose data section is the calibration text (default: tiny)")  # fmt: skip
+    p.add_argument("--batches", default=str(IMPORTANCE_BATCHES), metavar="N",
+                   help=f"calibration micro-batches (default {IMPORTANCE_BATCHES})")  # fmt: skip
+    p.add_argument("--batch-size", default=str(IMPORTANCE_BATCH_SIZE), metavar="B",
+                   help=f"samples per calibration batch (default {IMPORTANCE_BATCH_SIZE})")  # fmt: skip
+    p.add_argument(
+        "--seq-len", default=None, metavar="L", help="tokens per sample (default: the recipe's data.seq_len)"
+    )
+    p.add_argument("--depth-method", default="iterative-mse", metavar="METHOD",
+                   help=f"layer ranking: {', '.join(DEPTH_METHODS)} (default iterative-mse)")  # fmt: skip
+    p.add_argument("--seed", default="0", metavar="S", help="calibration sample order and the random depth order")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="recipe overrides, e.g. data.cache_dir=/tmp/cache (not model.*)")  # fmt: skip
+    p.set_defaults(func=cmd_importance)
 
 
 # ---------------------------------------------------------------------- demo
@@ -420,9 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_elastic.data.preprocess import add_data_subcommands
 
     add_data_subcommands(sub)
-    from megatron_elastic.elastic.importance_cli import add_importance_subcommand
-
-    add_importance_subcommand(sub)
+    add_importance_parser(sub)
     from megatron_elastic.eval import cli as eval_cli
     from megatron_elastic.inference import cli as inference_cli
     from megatron_elastic.slurm import cli as slurm_cli

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_elastic.cli import main as cli_main
+from megatron_elastic.api import load_pretrained
 from megatron_elastic.config import load_config
 
 PARITY_TOLERANCE = 2e-4
@@ -29,10 +29,21 @@ def _step(n: int, total: int, text: str) -> None:
     print(f"\n[{n}/{total}] {text}", flush=True)
 
 
-def _run(argv: list[str]) -> None:
-    rc = cli_main(argv)
+def _train(recipe: str, overrides: list[str]) -> None:
+    from megatron_elastic.training.run import run_training
+
+    rc = run_training(load_config(recipe, overrides)).exit_code
     if rc != 0:
         raise SystemExit(rc)
+
+
+def _to_hf(src: Path, dst: Path) -> None:
+    from megatron_elastic.convert.hf import config_to_hf, save_hf
+
+    model = load_pretrained(src, dtype=None)
+    config_to_hf(model.config)
+    save_hf(model, dst, side_files_from=src)
+    print(f"converted native {src} -> Hugging Face nemotron_h {dst} ({model.num_parameters():,} parameters)")
 
 
 @torch.no_grad()
@@ -63,9 +74,10 @@ def run_demo(out: Path, *, seed: int = 0, overrides: list[str] | None = None,
              elastic_overrides: list[str] | None = None) -> int:  # fmt: skip
     import json
 
-    import megatron_elastic
     from megatron_elastic.elastic import Architecture, extract, hard_state
+    from megatron_elastic.elastic.manyinone import extract_budgets
     from megatron_elastic.training.data_setup import build_training_data
+    from megatron_elastic.training.run import rank_and_permute
 
     start = time.perf_counter()
     if out.exists():
@@ -77,26 +89,26 @@ def run_demo(out: Path, *, seed: int = 0, overrides: list[str] | None = None,
     cfg = load_config("tiny", [f"run_dir={out / 'parent'}", *common, *(overrides or [])])
     _step(1, total, f"pretraining the tiny parent ({cfg.model.pattern}, hidden {cfg.model.hidden_size}) on the "
                     f"built-in corpus for {cfg.train.max_steps} steps")  # fmt: skip
-    _run(["train", "--config", "tiny", f"run_dir={out / 'parent'}", *common, *(overrides or [])])
+    _train("tiny", [f"run_dir={out / 'parent'}", *common, *(overrides or [])])
     latest = (out / "parent" / "checkpoints" / "latest").read_text().strip()
     parent_ckpt = out / "parent" / "checkpoints" / latest
 
     _step(2, total, "importance ranking and permutation")
     data_overrides = [o for o in (overrides or []) if o.startswith("data.")]
-    _run(["importance", "--checkpoint", str(parent_ckpt), "--out", str(out / "importance"), "--batches", "8",
-          "--batch-size", "4", "--seq-len", str(cfg.data.seq_len), *common[:1], *data_overrides])  # fmt: skip
+    rank_and_permute(parent_ckpt, out / "importance", overrides=[*common[:1], *data_overrides], batches=8, batch_size=4,
+                     seq_len=cfg.data.seq_len)  # fmt: skip
 
     _step(3, total, "elastic nested distillation: budgets 100 / 75 / 50 % of the parameters")
     elastic_args = [f"elastic.parent={out / 'importance' / 'parent'}", f"run_dir={out / 'elastic'}", *common,
                     *data_overrides, *(elastic_overrides or [])]  # fmt: skip
-    _run(["train", "--config", "elastic-tiny", *elastic_args])
+    _train("elastic-tiny", elastic_args)
     many = out / "elastic" / "many-in-one"
 
     _step(4, total, f"extracting every budget zero-shot -> {out / 'children'}")
-    _run(["extract", "--checkpoint", str(many), "--all", "--out", str(out / "children")])
+    extract_budgets(many, out / "children", all_budgets=True)
     meta = json.loads((many / "elastic.json").read_text())
-    elastic_parent = megatron_elastic.load_pretrained(many)
-    permuted = megatron_elastic.load_pretrained(out / "importance" / "parent")
+    elastic_parent = load_pretrained(many)
+    permuted = load_pretrained(out / "importance" / "parent")
     ecfg = load_config("elastic-tiny", elastic_args)
     data = build_training_data(ecfg, log=lambda m: None)
     batches = list(data.valid_batches(ecfg.train.eval_batches))
@@ -104,7 +116,7 @@ def run_demo(out: Path, *, seed: int = 0, overrides: list[str] | None = None,
     rows, worst, children = [], 0.0, []
     for key, arch_dict in meta["architectures"].items():
         arch = Architecture.from_dict(arch_dict)
-        child = megatron_elastic.load_pretrained(out / "children" / f"budget-{key}")
+        child = load_pretrained(out / "children" / f"budget-{key}")
         with torch.no_grad():
             worst = max(worst, (child(tokens) - elastic_parent(tokens, elastic=hard_state(elastic_parent.config, arch))).abs().max().item())
         one_shot = extract(permuted, arch).eval()
@@ -115,11 +127,11 @@ def run_demo(out: Path, *, seed: int = 0, overrides: list[str] | None = None,
         row[4] = ms
     print(f"      every child equals the masked parent: max |logit diff| = {worst:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
     half = min(meta["architectures"], key=float)
-    _run(["convert", "to-hf", str(out / "children" / f"budget-{half}"), str(out / f"child-{half}-hf")])
+    _to_hf(out / "children" / f"budget-{half}", out / f"child-{half}-hf")
     from transformers import NemotronHForCausalLM
 
     hf = NemotronHForCausalLM.from_pretrained(out / f"child-{half}-hf").eval()
-    child = megatron_elastic.load_pretrained(out / "children" / f"budget-{half}")
+    child = load_pretrained(out / "children" / f"budget-{half}")
     with torch.no_grad():
         hf_diff = (hf(tokens, use_cache=False).logits - child(tokens)).abs().max().item()
     print(f"      transformers loads the {float(half):.0%} child with max |logit diff| = {hf_diff:.2e}")

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     from megatron_elastic.model import HybridConfig, HybridLM, kernels
-    from megatron_elastic.parallel.fp8 import FP8Config
+    from megatron_elastic.config.schema import FP8Config
     from megatron_elastic.parallel.losses import vocab_parallel_cross_entropy
     from megatron_elastic.parallel.tensor import apply_tensor_parallel
 

@@ -18,6 +18,7 @@ from megatron_elastic.config.schema import (
     DataConfig,
     DistillConfig,
     ElasticConfig,
+    FP8Config,
     ParallelConfig,
     RunConfig,
     TrackingConfig,
@@ -30,6 +31,12 @@ SECTIONS = {"model": HybridConfig, "data": DataConfig, "train": TrainConfig, "tr
             "elastic": ElasticConfig, "distill": DistillConfig, "parallel": ParallelConfig}  # fmt: skip
 OPTIONAL_SECTIONS = ("elastic", "distill")
 TOP_LEVEL = set(SECTIONS) | {"run_dir"}
+# Sections inside a section, by the field's annotation: ``parallel: {fp8: {enabled: true}}``.
+NESTED_SECTIONS = {"FP8Config": FP8Config}
+# Keys of earlier versions -> the key that replaced them (a one-line error names the new one).
+RENAMED_KEYS = {"parallel.fp8": "parallel.fp8.enabled",
+                **{f"parallel.fp8_{name}": f"parallel.fp8.{name}" for name in ("format", "recipe", "amax_history_len",
+                                                                              "amax_compute_algo", "margin", "bf16_layers")}}  # fmt: skip
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -39,8 +46,19 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
 def _all_keys() -> list[str]:
     keys = ["run_dir", "model.preset"]
     for section, cls in SECTIONS.items():
-        keys += [f"{section}.{name}" for name in _fields(cls)]
+        for name, f in _fields(cls).items():
+            nested = NESTED_SECTIONS.get(f.type)
+            keys += [f"{section}.{name}.{sub}" for sub in _fields(nested)] if nested else [f"{section}.{name}"]
     return keys
+
+
+def _nested_fields(cls) -> set[str]:
+    return {name for name, f in _fields(cls).items() if f.type in NESTED_SECTIONS}
+
+
+def _renamed(key: str) -> ConfigError:
+    return ConfigError(f"config key {key!r} was replaced by {RENAMED_KEYS[key]!r}; write {RENAMED_KEYS[key]}=... "
+                       "(the FP8 settings are the parallel.fp8 section)")  # fmt: skip
 
 
 def _unknown(key: str) -> ConfigError:
@@ -110,9 +128,13 @@ def _build(cls, data: dict, section: str, base: dict | None = None):
     fields = _fields(cls)
     values = dict(base or {})
     for key, value in data.items():
+        name = f"{section}.{key}"
+        if name in RENAMED_KEYS and not (key in fields and isinstance(value, dict)):
+            raise _renamed(name)
         if key not in fields:
-            raise _unknown(f"{section}.{key}")
-        values[key] = _coerce(f"{section}.{key}", value, fields[key].type)
+            raise _unknown(name)
+        nested = NESTED_SECTIONS.get(fields[key].type)
+        values[key] = _build(nested, value or {}, name) if nested else _coerce(name, value, fields[key].type)
     try:
         return cls(**values)
     except TypeError as exc:  # a required field is missing
@@ -154,8 +176,12 @@ def config_from_dict(raw: dict) -> RunConfig:
     return cfg
 
 
+def _copy(tree):
+    return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+    raw = _copy(raw or {})
     for text in overrides:
         parts, value = parse_override(text)
         if len(parts) == 1:
@@ -168,6 +194,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(section, dict):
                 raise ConfigError(f"config section {parts[0]!r} must be a mapping")
             section[parts[1]] = value
+        elif len(parts) == 3 and parts[0] in SECTIONS and parts[1] in _nested_fields(SECTIONS[parts[0]]):
+            section = raw.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"config section {parts[0]!r} must be a mapping")
+            sub = section.setdefault(parts[1], {})
+            if not isinstance(sub, dict):
+                name = f"{parts[0]}.{parts[1]}"
+                raise _renamed(name) if name in RENAMED_KEYS else ConfigError(f"config section {name!r} must be a mapping")
+            sub[parts[2]] = value
         else:
             raise _unknown(".".join(parts))
     return raw

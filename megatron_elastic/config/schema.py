@@ -293,6 +293,49 @@ class DistillConfig:
                 raise ConfigError(f"distill.{name}={w} is invalid; give non-negative weights with a positive sum")
 
 
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise")
+
+
+@dataclass(kw_only=True)
+class FP8Config:
+    """The FP8 recipe (Transformer Engine, CUDA only): the ``parallel.fp8`` section."""
+
+    enabled: bool = False
+    """Run the GEMMs of the inner layers in FP8 (all but the first and last ``bf16_layers``)."""
+    format: str = "hybrid"
+    """'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3' (both)."""
+    recipe: str = "delayed"
+    """Scaling: 'delayed' (amax history, Megatron's default) or 'tensorwise' (current per-tensor scaling)."""
+    amax_history_len: int = 1024
+    """Steps of amax history the delayed recipe keeps."""
+    amax_compute_algo: str = "max"
+    """'max' (of the history) or 'most_recent'."""
+    margin: int = 0
+    """Scale margin in powers of two."""
+    bf16_layers: int = 1
+    """The first and the last this-many layers stay in bf16 (as Nemotron-H keeps them)."""
+
+    def validate(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"parallel.fp8.enabled={self.enabled!r} is invalid; use true or false")
+        if self.format not in FP8_FORMATS:
+            raise ConfigError(f"parallel.fp8.format={self.format!r} is invalid; use {' or '.join(FP8_FORMATS)}")
+        if self.recipe not in FP8_RECIPES:
+            raise ConfigError(f"parallel.fp8.recipe={self.recipe!r} is invalid; use {' or '.join(FP8_RECIPES)}")
+        if self.amax_compute_algo not in ("max", "most_recent"):
+            raise ConfigError(f"parallel.fp8.amax_compute_algo={self.amax_compute_algo!r} is invalid; use max or most_recent")
+        for name in ("amax_history_len", "margin", "bf16_layers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "amax_history_len" else 0):
+                raise ConfigError(f"parallel.fp8.{name}={v!r} is invalid; it must be a "
+                                  f"{'positive' if name == 'amax_history_len' else 'non-negative'} integer")  # fmt: skip
+
+    def layer_in_fp8(self, index: int, num_layers: int) -> bool:
+        """Whether layer ``index`` runs its GEMMs in FP8 (not one of the first/last bf16 layers)."""
+        return self.enabled and self.bf16_layers <= index < num_layers - self.bf16_layers
+
+
 @dataclass(kw_only=True)
 class ParallelConfig:
     """How one model replica is split over processes (megatron-core tensor / pipeline / data parallel)."""
@@ -307,26 +350,14 @@ class ParallelConfig:
     """Megatron sequence parallelism inside tensor-parallel groups (needs tp > 1)."""
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
-    fp8: bool = False
-    """FP8 GEMMs (Transformer Engine layers, CUDA only) in every layer but the first and last fp8_bf16_layers."""
-    fp8_format: str = "hybrid"
-    """'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3'."""
-    fp8_recipe: str = "delayed"
-    """'delayed' (amax history) or 'tensorwise' (current per-tensor scaling)."""
-    fp8_amax_history_len: int = 1024
-    """Steps of amax history of the delayed recipe."""
-    fp8_amax_compute_algo: str = "max"
-    """'max' of the amax history or 'most_recent'."""
-    fp8_margin: int = 0
-    """FP8 scale margin (powers of two)."""
-    fp8_bf16_layers: int = 1
-    """First and last layers kept in bf16 (as Nemotron-H does)."""
+    fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 GEMMs with Transformer Engine (CUDA only): the ``parallel.fp8`` section."""
 
     def validate(self) -> None:
         _positive_int("parallel", self, "tp", "pp")
-        from megatron_elastic.parallel.fp8 import FP8Config
-
-        FP8Config.from_parallel(self)  # validates the fp8_* keys (one-line ConfigError)
+        if not isinstance(self.fp8, FP8Config):
+            raise ConfigError(f"parallel.fp8={self.fp8!r} is invalid; it is a section: write parallel.fp8.enabled=true")
+        self.fp8.validate()
         if isinstance(self.dp, bool) or not isinstance(self.dp, int) or self.dp < 0:
             raise ConfigError(f"parallel.dp={self.dp!r} is invalid; give a positive integer or 0 (derived from the world size)")
         if self.backend not in ("auto", "nccl", "gloo"):

@@ -42,10 +42,12 @@ position ``k``, see :mod:`megatron_elastic.elastic.permute`) and "least importan
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,28 @@ DEPTH_METHODS = ("iterative-mse", "block-influence", "random")
 FORMAT = "megatron-elastic-ranking"
 FORMAT_VERSION = 1
 _PER_LAYER_AXES = {"ffn": MLP, "attn_heads": ATTENTION, "mamba_heads": MAMBA, "mamba_head_dim": MAMBA}
+
+
+# ---------------------------------------------------------------------- the ranking file
+def find_ranking(model_dir: str | Path, explicit: str | Path | None, *, key: str) -> Path | None:
+    """The ranking.json of ``model_dir``: ``explicit`` if given (it must exist; ``key`` names the setting
+    in the message), else ranking.json inside or beside ``model_dir``, else None."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"{key}={str(path)!r} does not exist; run `megatron-elastic importance` first")
+        return path
+    model_dir = Path(model_dir)
+    return next((p for p in (model_dir / "ranking.json", model_dir.parent / "ranking.json") if p.is_file()), None)
+
+
+def read_depth_order(path: str | Path) -> list[int]:
+    """The depth removal order (least important first) of a ranking file, ``["depth"]["order"]``."""
+    try:
+        return [int(i) for i in json.loads(Path(path).read_text())["depth"]["order"]]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{str(path)!r} has no depth order (depth.order); regenerate it with "
+                          "`megatron-elastic importance`") from None  # fmt: skip
 
 
 # ---------------------------------------------------------------------- the ranking

@@ -114,3 +114,51 @@ def weights_size(path: Path) -> int:
 def dir_size(path: Path, *, exclude: tuple[str, ...] = ()) -> int:
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.name not in exclude)
 
+
+
+def extract_budgets(checkpoint: str | Path, out: str | Path, *, budget: str | None = None, all_budgets: bool = False,
+                    fmt: str = "native", overwrite: bool = False, log=print) -> dict[str, Path]:  # fmt: skip
+    """Cut ``budget`` (or every budget, into ``out/budget-B``) out of a many-in-one checkpoint, zero-shot,
+    as native or Hugging Face (``fmt="hf"``) model directories; every output and child config is checked
+    before the weights are read. Logs a table; returns budget key -> output directory."""
+    import time
+
+    from megatron_elastic.api import load_pretrained, save_model
+    from megatron_elastic.convert.native import read_native_config
+    from megatron_elastic.elastic.slicing import extract
+    from megatron_elastic.elastic.space import Architecture, child_config
+    from megatron_elastic.model.config import num_parameters
+
+    ckpt = Path(checkpoint)
+    meta = read_metadata(ckpt)
+    parent_cfg = read_native_config(ckpt)
+    archs = meta["architectures"]
+    targets = select_budgets(archs, budget, all_budgets, Path(out))
+    for path in targets.values():
+        if path.exists() and not overwrite:
+            raise UserError(f"output directory {str(path)!r} already exists; choose a new path or pass --overwrite")
+    plans = {}
+    for key in targets:
+        arch = Architecture.from_dict(archs[key])
+        child_cfg = child_config(parent_cfg, arch)  # validates against the parent
+        if fmt == "hf":
+            from megatron_elastic.convert.hf import config_to_hf
+
+            config_to_hf(child_cfg)
+        plans[key] = (arch, child_cfg)
+    parent = load_pretrained(ckpt, dtype=None)
+    total = sum(num_parameters(parent_cfg).values())
+    ratio = dir_size(ckpt) / weights_size(ckpt)
+    log(f"many-in-one checkpoint {ckpt}: {len(archs)} budgets ({meta['cost']} cost), {dir_size(ckpt):,} bytes on disk "
+        f"= {ratio:.4f}x the parent's weights")  # fmt: skip
+    log(f"{'budget':>8}{'parameters':>14}{'% params':>10}  pattern / sizes -> output")
+    for key, (arch, c) in plans.items():
+        t0 = time.perf_counter()
+        child = extract(parent, arch).eval()
+        extra = {"architecture.json": json.dumps(arch.to_dict(), indent=2) + "\n"}
+        save_model(child, targets[key], fmt, overwrite=overwrite, side_files_from=ckpt, extra_files=extra)
+        n = child.num_parameters()
+        log(f"{key:>8}{n:>14,}{100 * n / total:>9.1f}%  {c.pattern} d={c.hidden_size} ffn={c.ffn_hidden_size} "
+            f"attn={c.num_attention_heads} mamba={c.mamba_num_heads}x{c.mamba_head_dim} -> {targets[key]} "
+            f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+    return targets

@@ -38,14 +38,6 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _run_cli(argv: list[str]) -> None:
-    from megatron_elastic.cli import main as cli_main
-
-    rc = cli_main(argv)
-    if rc != 0:
-        raise RuntimeError(f"`megatron-elastic {' '.join(argv[:1])}` failed with exit code {rc}")
-
-
 def _latest(run_dir: Path) -> Path:
     from megatron_elastic.training import checkpoint
 
@@ -110,15 +102,20 @@ class Study:
 
     def pretrain_parent(self) -> Path:
         c = self.cfg
+        from megatron_elastic.config import load_config
+        from megatron_elastic.training.run import run_training
+
         run = self.work / "parent"
-        _run_cli(["train", "--config", c.parent.recipe, *self.common, *c.parent.overrides, f"run_dir={run}",
-                  f"train.seed={1234 + c.seed}"])  # fmt: skip
+        result = run_training(load_config(c.parent.recipe, [*self.common, *c.parent.overrides, f"run_dir={run}",
+                                                            f"train.seed={1234 + c.seed}"]))  # fmt: skip
+        if result.exit_code:
+            raise RuntimeError(f"pretraining the parent failed (exit code {result.exit_code})")
         cfg = self.parent_cfg
         self.tokens["parent"] = cfg.train.max_steps * cfg.train.global_batch_size * cfg.data.seq_len
         return _latest(run)
 
     def recall_finetune(self, parent_ckpt: Path) -> Path:
-        import megatron_elastic
+        from megatron_elastic.api import load_pretrained
         from megatron_elastic.config import load_config
         from megatron_elastic.eval.baselines import ContinueTrainer
         from megatron_elastic.training.data_setup import build_training_data
@@ -131,7 +128,7 @@ class Study:
                                             "train.eval_interval=0", "train.save_interval=0"])  # fmt: skip
         data = build_training_data(cfg, log=self.log)
         loader = self._mixed(data, cfg, r.mix_every, 1)
-        model = megatron_elastic.load_pretrained(parent_ckpt).train()
+        model = load_pretrained(parent_ckpt).train()
         result = ContinueTrainer(cfg, data, model=model).fit()
         if result.exit_code:
             raise RuntimeError(f"recall fine-tuning failed (exit code {result.exit_code})")
@@ -139,32 +136,35 @@ class Study:
         return _latest(run)
 
     def importance(self, ckpt: Path) -> Path:
+        from megatron_elastic.training.run import rank_and_permute
+
         out = self.work / "importance"
         if self.cfg.resume and (out / "ranking.json").is_file():
             self.log(f"[study] resume: reusing {out}")
             return out
-        _run_cli(["importance", "--checkpoint", str(ckpt), "--out", str(out), "--batches", str(self.cfg.importance_batches), "--batch-size", "4",
-                  "--seq-len", str(self.parent_cfg.data.seq_len), "--config", self.cfg.parent.recipe, *self.common])  # fmt: skip
+        rank_and_permute(ckpt, out, recipe=self.cfg.parent.recipe, overrides=self.common, batches=self.cfg.importance_batches,
+                         batch_size=4, seq_len=self.parent_cfg.data.seq_len, log=self.log)  # fmt: skip
         return out
 
     def elastic_run(self, importance: Path, protect: bool) -> tuple[Path, int, int]:
         """Returns (many-in-one dir, tokens read, optimizer steps)."""
         from megatron_elastic.api import load_pretrained
-        from megatron_elastic.cli import _elastic_inputs
         from megatron_elastic.config import load_config
         from megatron_elastic.training.data_setup import build_training_data
         from megatron_elastic.training.elastic_trainer import ElasticTrainer
+        from megatron_elastic.training.run import resolve_elastic_run
 
         c = self.cfg
         run = self.work / ("nested-protect" if protect else "nested")
         extra = ["elastic.protect_attention=true", "elastic.attn_heads=[1.0]"] if protect else []
         cfg = load_config(c.elastic.recipe, [f"elastic.parent={importance / 'parent'}", *self.common, *c.elastic.overrides,
                                              *extra, f"run_dir={run}", f"train.seed={1234 + c.seed}"])  # fmt: skip
-        cfg, parent_path, depth_order = _elastic_inputs(cfg)
+        resolved = resolve_elastic_run(cfg)
+        cfg = resolved.cfg
         data = build_training_data(cfg, log=self.log)
         loader = self._mixed(data, cfg, c.elastic.mix_every, 2)
-        parent = load_pretrained(parent_path).train()
-        result = ElasticTrainer(cfg, data, depth_order=depth_order, parent=parent).fit()
+        parent = load_pretrained(resolved.parent).train()
+        result = ElasticTrainer(cfg, data, depth_order=resolved.depth_order, parent=parent).fit()
         if result.exit_code:
             raise RuntimeError(f"elastic run {run} failed (exit code {result.exit_code})")
         self.elastic_cfg = cfg
@@ -223,7 +223,7 @@ class Study:
 
     # ------------------------------------------------------------------ everything
     def run(self) -> dict:
-        import megatron_elastic
+        from megatron_elastic.api import load_pretrained
         from megatron_elastic.elastic import Architecture, child_config, extract
         from megatron_elastic.elastic.manyinone import read_metadata
         from megatron_elastic.eval.baselines import depth_only_architecture
@@ -241,13 +241,13 @@ class Study:
             recall_ckpt = self.recall_finetune(parent_ckpt)
         with self._timed("3/6 importance ranking and permutation"):
             importance = self.importance(recall_ckpt)
-        teacher = megatron_elastic.load_pretrained(importance / "parent")
+        teacher = load_pretrained(importance / "parent")
         nested: dict[bool, dict] = {}
         with self._timed("4/6 nested elastic distillation"):
             for protect in c.elastic.protect_attention:
                 many, tokens, steps = self.elastic_run(importance, protect)
                 meta = read_metadata(many)
-                elastic_parent = megatron_elastic.load_pretrained(many)
+                elastic_parent = load_pretrained(many)
                 archs = {k: Architecture.from_dict(a) for k, a in meta["architectures"].items()}
                 models = {k: extract(elastic_parent, a).eval() for k, a in archs.items()}
                 nested[protect] = {"archs": archs, "models": models, "tokens": tokens, "steps": steps,
@@ -292,7 +292,7 @@ class Study:
         with self._timed("6/6 evaluation"):
             ctx = build_context(self.parent_cfg, c.eval, log=self.log)
             flat = {f"{m}@{k}": model for m, per in methods.items() for k, model in per.items()}
-            flat["parent (text only)"] = megatron_elastic.load_pretrained(parent_ckpt)
+            flat["parent (text only)"] = load_pretrained(parent_ckpt)
             results = evaluate_models(flat, ctx, log=self.log)
         full_params = teacher.num_parameters()
         rows = []

@@ -1,9 +1,9 @@
 """Process groups for tensor x pipeline x data parallelism, made by megatron-core's ``parallel_state``.
 
-:func:`init_parallel` joins the ``env://`` rendezvous (torchrun, or Slurm's variables through
-:func:`megatron_elastic.slurm.env.torch_env_from_slurm`), asks megatron-core for its groups and
-returns them in one :class:`ParallelGroups` that the trainer passes on explicitly: no layer, loss or
-schedule of ours reads megatron's globals.
+:func:`init_parallel` joins the ``env://`` rendezvous (torchrun's variables, or Slurm's translated by
+the launcher first: ``launch/train.py`` calls ``slurm.env.torch_env_from_slurm``), asks megatron-core
+for its groups and returns them in one :class:`ParallelGroups` that the trainer passes on explicitly:
+no layer, loss or schedule of ours reads megatron's globals.
 
 Rank layout is megatron-core's default order ``tp-cp-ep-dp-pp``: ranks of one tensor-parallel group
 are adjacent, then data-parallel replicas, then pipeline stages::
@@ -86,14 +86,13 @@ def env_world_size(environ=None) -> int:
 def init_parallel(cfg: ParallelConfig, device: torch.device, *, timeout_minutes: int = 30) -> ParallelGroups:
     """Join the env:// rendezvous (if not joined yet) and build megatron-core's TP/PP/DP groups.
 
-    A world of one process without a rendezvous is a plain single-process run (no groups)."""
-    from megatron_elastic.slurm.env import torch_env_from_slurm
-
-    torch_env_from_slurm()
+    A world of one process without a rendezvous is a plain single-process run (no groups). The
+    rendezvous variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) come from the launcher: under
+    Slurm without torchrun the caller derives them first (launch/train.py, before anything else)."""
     world = env_world_size()
     dp = cfg.resolve_dp(world)  # ConfigError before any rendezvous when the layout does not tile
     if world == 1 and not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
-        if not cfg.fp8:
+        if not cfg.fp8.enabled:
             return single_process(device)
         # FP8 layers are built by apply_tensor_parallel, which needs a (one-process) group.
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")

@@ -162,6 +162,42 @@ def check_tp_divisibility(config: HybridConfig, tp_size: int, elastic_choices=No
                               f"{axis} size must be a multiple of {unit} (e.g. elastic.multiple_of={unit})")  # fmt: skip
 
 
+def check_fp8_divisibility(config: HybridConfig, tp_size: int = 1, elastic_choices=None) -> None:
+    """Raise ConfigError (one line naming the fix) unless every FP8 GEMM dimension is a multiple of 16:
+    the model's local GEMM shapes at ``tp_size`` and every elastic choice."""
+    from megatron_elastic.parallel.fp8 import FP8_MULTIPLE
+
+    c, tp = config, tp_size
+    dims = {"model.hidden_size": c.hidden_size}
+    for i, kind in enumerate(c.layer_types):
+        d = c.layer_dims(i)
+        if kind == MLP:
+            dims[f"layer {i}: FFN size / tp"] = d.ffn_hidden_size // tp
+        elif kind == ATTENTION:
+            dims[f"layer {i}: query width (heads x head_dim) / tp"] = d.num_attention_heads * c.head_dim // tp
+            dims[f"layer {i}: key/value width (KV heads x head_dim) / tp"] = c.num_query_groups * c.head_dim // tp
+        elif kind == MAMBA:
+            dims[f"layer {i}: Mamba d_inner / tp"] = d.mamba_d_inner // tp
+            dims[f"layer {i}: Mamba in_proj width / tp"] = d.mamba_in_proj_dim // tp
+    for what, value in dims.items():
+        if value % FP8_MULTIPLE:
+            raise ConfigError(f"{what} = {value} is not a multiple of {FP8_MULTIPLE} as FP8 GEMMs need; "
+                              f"resize the model or set parallel.fp8.enabled=false")  # fmt: skip
+    choices = _choices_of(elastic_choices, config)
+    widths = {
+        "hidden": lambda k: k,
+        "ffn": lambda k: k,
+        "mamba_head_dim": lambda k: k,
+        "attn_heads": lambda k: k * c.head_dim,
+        "mamba_heads": lambda k: k * c.mamba_head_dim,
+    }
+    for axis, width in widths.items():
+        bad = [k for k in choices.get(axis, ()) if width(k) % FP8_MULTIPLE]
+        if bad:
+            raise ConfigError(f"elastic.{axis} size {bad[0]} gives a GEMM width {width(bad[0])} that is not a multiple of "
+                              f"{FP8_MULTIPLE} as FP8 needs; set elastic.multiple_of={FP8_MULTIPLE}")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -216,8 +252,8 @@ def _megatron_classes():
 
 def _te_linear_factories(sequence_parallel: bool = False):
     if sequence_parallel:
-        raise ConfigError("sequence parallelism with the Transformer Engine layers is not supported; set "
-                          "parallel.sequence_parallel=false or use the megatron-core layers (parallel.fp8=false)")  # fmt: skip
+        raise ConfigError("sequence parallelism with the Transformer Engine layers is not supported; set parallel."
+                          "sequence_parallel=false or use the megatron-core layers (parallel.fp8.enabled=false)")  # fmt: skip
     from megatron_elastic.parallel.fp8 import te_linear_factories
 
     return te_linear_factories()
@@ -367,7 +403,7 @@ class TPContext:
     linears: tuple
     """(column, row) builders of the mixers' linears (see :data:`LINEAR_SPECS`)."""
     fp8: object = None
-    """FP8Config when the mixers' GEMMs run in FP8 (Transformer Engine), else None."""
+    """The parallel.fp8 section (FP8Config) when the mixers' GEMMs run in FP8 (Transformer Engine), else None."""
     amax_group: object = None
     """Group the FP8 amax statistics are reduced over."""
     num_layers: int = 0
@@ -402,7 +438,9 @@ class TPContext:
 
     @functools.cached_property
     def fp8_recipe(self):
-        return None if self.fp8 is None else self.fp8.te_recipe()
+        from megatron_elastic.parallel.fp8 import te_recipe
+
+        return None if self.fp8 is None else te_recipe(self.fp8)
 
     def local_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         if mask is None or self.size == 1:
@@ -626,7 +664,7 @@ def apply_tensor_parallel(model: HybridLM, tp_group, *, linears: str = "megatron
 
     ``linears`` picks the mixers' linear implementation from :data:`LINEAR_SPECS`: ``"megatron"``
     (megatron-core layers, any device) or ``"transformer_engine"`` (CUDA). ``fp8`` (an enabled
-    :class:`~megatron_elastic.parallel.fp8.FP8Config`, Transformer Engine only) runs the inner
+    :class:`~megatron_elastic.config.schema.FP8Config`, Transformer Engine only) runs the inner
     layers' GEMMs in FP8, amax statistics reduced over ``amax_group`` (default: ``tp_group``).
 
     ``sequence_parallel``: inside the blocks each rank keeps only its share of the positions
@@ -645,10 +683,8 @@ def apply_tensor_parallel(model: HybridLM, tp_group, *, linears: str = "megatron
     check_tp_divisibility(config, size)
     fp8_on = fp8 is not None and fp8.enabled
     if fp8_on:
-        from megatron_elastic.parallel.fp8 import check_fp8_divisibility
-
         if linears != "transformer_engine":
-            raise ConfigError("parallel.fp8 needs the Transformer Engine layers (linears='transformer_engine')")
+            raise ConfigError("parallel.fp8.enabled=true needs the Transformer Engine layers (linears='transformer_engine')")
         check_fp8_divisibility(config, size)
     sequence_parallel = bool(sequence_parallel) and size > 1
     factories = LINEAR_SPECS[linears](sequence_parallel)

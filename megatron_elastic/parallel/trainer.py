@@ -58,16 +58,15 @@ class ParallelMixin:
     def _parallelize(self, model):
         """Single-device model -> this rank's part (TP applied in place, then the PP stage cut)."""
         g, p = self.groups, self.cfg.parallel
-        if g.tp_size > 1 or (p.fp8 and g.tp is not None):
-            from megatron_elastic.parallel.fp8 import FP8Config
+        fp8 = p.fp8 if p.fp8.enabled else None
+        if g.tp_size > 1 or (fp8 is not None and g.tp is not None):
             from megatron_elastic.parallel.tensor import apply_tensor_parallel
 
-            fp8 = FP8Config.from_parallel(p) if p.fp8 else None
-            if p.fp8:  # the elastic choices too, not only the parent's shapes: every child runs FP8 GEMMs
-                from megatron_elastic.parallel.fp8 import check_fp8_divisibility
+            if fp8 is not None:  # the elastic choices too, not only the parent's shapes: every child runs FP8 GEMMs
+                from megatron_elastic.parallel.tensor import check_fp8_divisibility
 
                 check_fp8_divisibility(model.config, g.tp_size, self.cfg.elastic)
-            model = apply_tensor_parallel(model, g.tp, linears="transformer_engine" if p.fp8 else "megatron", fp8=fp8,
+            model = apply_tensor_parallel(model, g.tp, linears="transformer_engine" if fp8 else "megatron", fp8=fp8,
                                           sequence_parallel=p.sequence_parallel)  # fmt: skip
         if g.pp_size > 1:
             from megatron_elastic.parallel.pipeline import build_stage, mcore_pipeline_config

@@ -70,6 +70,18 @@ def check_budgets_reachable(cfg: RunConfig, space) -> None:
             )
 
 
+def check_same_space(path: Path, space, budgets: list[float]) -> None:
+    """A checkpoint to resume must have been trained with the same elastic space and budgets
+    (its ``elastic.json``; a checkpoint without one is not checked here)."""
+    meta = path / "elastic.json"
+    if not meta.is_file():
+        return
+    saved = json.loads(meta.read_text())
+    if saved.get("space") != json.loads(json.dumps(space.to_dict())) or saved.get("budgets") != list(budgets):
+        raise ConfigError(f"checkpoint {str(path)!r} was trained with another elastic space (choices, budgets or "
+                          "depth order differ); resume with the same elastic settings or use a new run_dir")  # fmt: skip
+
+
 class ElasticTrainer(Trainer):
     def __init__(self, cfg: RunConfig, data, *, depth_order: list[int] | None, parent: HybridLM, **kw):
         if cfg.elastic is None:
@@ -110,10 +122,7 @@ class ElasticTrainer(Trainer):
     def load_extra_checkpoint_state(self, path: Path) -> None:
         if not (path / "router.pt").is_file():
             raise ConfigError(f"checkpoint {str(path)!r} has no router.pt; it is not an elastic checkpoint: use a new run_dir")
-        saved = json.loads((path / "elastic.json").read_text())
-        if saved.get("space") != json.loads(json.dumps(self.space.to_dict())) or saved.get("budgets") != self.budgets:
-            raise ConfigError(f"checkpoint {str(path)!r} was trained with another elastic space (choices, budgets or "
-                              "depth order differ); resume with the same elastic settings or use a new run_dir")  # fmt: skip
+        check_same_space(path, self.space, self.budgets)
         self.router.load_state_dict(torch.load(path / "router.pt", map_location="cpu", weights_only=True))
 
     def is_full(self, budget_index: int) -> bool:

@@ -46,15 +46,15 @@ def make_parent(root: Path) -> None:
 
 
 def config(kind: str, root: Path, run_dir: Path):
-    from megatron_elastic.cli import _elastic_inputs
     from megatron_elastic.config import load_config
+    from megatron_elastic.training.run import resolve_elastic_run
 
     if kind == "plain":
         return load_config("tiny", [*PLAIN, f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}"]), None
     cfg = load_config("elastic-tiny", [*ELASTIC, f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}",
                                        f"elastic.parent={root / 'importance' / 'parent'}"])  # fmt: skip
-    cfg, _, order = _elastic_inputs(cfg)
-    return cfg, order
+    run = resolve_elastic_run(cfg)
+    return run.cfg, run.depth_order
 
 
 def train(kind: str, root: Path, run_dir: Path, groups=None) -> int:

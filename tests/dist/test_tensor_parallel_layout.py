@@ -124,7 +124,7 @@ def test_split_merge_round_trip(tp, tie):
 
 
 def test_fp8_keeps_first_and_last_layers_in_bf16():
-    from megatron_elastic.parallel.fp8 import FP8Config
+    from megatron_elastic.config.schema import FP8Config
 
     assert [FP8Config(enabled=True).layer_in_fp8(i, 7) for i in range(7)] == [False] + [True] * 5 + [False]
     assert [FP8Config(enabled=True, bf16_layers=2).layer_in_fp8(i, 6) for i in range(6)] == [False, False, True, True, False, False]
@@ -132,23 +132,22 @@ def test_fp8_keeps_first_and_last_layers_in_bf16():
 
 
 def test_fp8_config_validation_and_parallel_keys():
-    from types import SimpleNamespace
+    from megatron_elastic.config import load_config
+    from megatron_elastic.config.schema import FP8Config
 
-    from megatron_elastic.parallel.fp8 import FP8Config
-
-    cfg = FP8Config.from_parallel(SimpleNamespace(fp8=True, fp8_format="e4m3", fp8_bf16_layers=2))
+    cfg = load_config("tiny", ["parallel.fp8.enabled=true", "parallel.fp8.format=e4m3", "parallel.fp8.bf16_layers=2"]).parallel.fp8
     assert (cfg.enabled, cfg.format, cfg.bf16_layers, cfg.recipe) == (True, "e4m3", 2, "delayed")
-    assert FP8Config.from_parallel(SimpleNamespace(tp=2)).enabled is False  # no fp8 keys: off
-    for kw, needle in [(dict(format="e5m2"), "parallel.fp8_format='e5m2' is invalid; use hybrid or e4m3"),
-                       (dict(recipe="mx"), "parallel.fp8_recipe='mx' is invalid"),
-                       (dict(bf16_layers=-1), "parallel.fp8_bf16_layers=-1 is invalid"),
-                       (dict(amax_history_len=0), "parallel.fp8_amax_history_len=0 is invalid")]:  # fmt: skip
+    assert load_config("tiny", ["parallel.tp=2"]).parallel.fp8.enabled is False  # no fp8 keys: off
+    for kw, needle in [(dict(format="e5m2"), "parallel.fp8.format='e5m2' is invalid; use hybrid or e4m3"),
+                       (dict(recipe="mx"), "parallel.fp8.recipe='mx' is invalid"),
+                       (dict(bf16_layers=-1), "parallel.fp8.bf16_layers=-1 is invalid"),
+                       (dict(amax_history_len=0), "parallel.fp8.amax_history_len=0 is invalid")]:  # fmt: skip
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             FP8Config(**kw).validate()
 
 
 def test_fp8_dimension_checks():
-    from megatron_elastic.parallel.fp8 import check_fp8_divisibility
+    from megatron_elastic.parallel.tensor import check_fp8_divisibility
 
     big = preset("nemotron-nano-12b-v2")
     check_fp8_divisibility(big, 8)
@@ -174,7 +173,7 @@ def test_transformer_engine_missing_is_a_one_line_config_error():
         pass
     else:
         pytest.skip("Transformer Engine is installed here; the GPU tests cover it")
-    with pytest.raises(ConfigError, match=r"^parallel.fp8 needs Transformer Engine, which cannot be imported here .*turn parallel.fp8 off$"):
+    with pytest.raises(ConfigError, match=r"^parallel.fp8 needs Transformer Engine, which cannot be imported here .*set parallel.fp8.enabled=false$"):
         LINEAR_SPECS["transformer_engine"]()
     with pytest.raises(ConfigError, match="sequence parallelism with the Transformer Engine layers is not supported"):
         LINEAR_SPECS["transformer_engine"](True)

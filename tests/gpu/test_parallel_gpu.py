@@ -154,7 +154,7 @@ def test_fp8_training_tracks_bf16(group, record_property):
     ok, reason = _fp8_supported()
     if not ok:
         pytest.skip(f"this GPU has no FP8 support: {reason}")
-    from megatron_elastic.parallel.fp8 import FP8Config
+    from megatron_elastic.config.schema import FP8Config
     from megatron_elastic.parallel.tensor import apply_tensor_parallel
 
     bf16 = apply_tensor_parallel(_model(torch.bfloat16).cuda(), group, linears="transformer_engine")

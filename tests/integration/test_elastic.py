@@ -104,18 +104,19 @@ def test_extract_all_equals_masked_parent(cli_exe, elastic_run, tmp_path):
 
 
 def test_teacher_runs_once_per_micro_batch(parent_dir, cache, tmp_path):
-    from megatron_elastic.cli import _elastic_inputs
     from megatron_elastic.config import load_config
     from megatron_elastic.tracking import MultiTracker
     from megatron_elastic.training.data_setup import build_training_data
     from megatron_elastic.training.elastic_trainer import ElasticTrainer
+    from megatron_elastic.training.run import resolve_elastic_run
 
     cfg = load_config("elastic-tiny", [f"elastic.parent={parent_dir}", f"run_dir={tmp_path / 'run'}",
                                        f"data.cache_dir={cache}", *FAST, "train.max_steps=2", "train.eval_interval=0",
                                        "train.save_interval=0", "distill.budgets_per_micro_batch=0"])  # fmt: skip
-    cfg, parent_path, order = _elastic_inputs(cfg)
-    trainer = ElasticTrainer(cfg, build_training_data(cfg, log=lambda m: None), depth_order=order,
-                             parent=megatron_elastic.load_pretrained(parent_path).train(), tracker=MultiTracker([]))  # fmt: skip
+    run = resolve_elastic_run(cfg)
+    cfg = run.cfg
+    trainer = ElasticTrainer(cfg, build_training_data(cfg, log=lambda m: None), depth_order=run.depth_order,
+                             parent=megatron_elastic.load_pretrained(run.parent).train(), tracker=MultiTracker([]))  # fmt: skip
     calls = {"teacher": 0, "student": 0}
     trainer.teacher.register_forward_hook(lambda *a: calls.__setitem__("teacher", calls["teacher"] + 1))
     trainer.model.register_forward_hook(lambda *a: calls.__setitem__("student", calls["student"] + 1))

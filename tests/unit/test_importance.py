@@ -8,7 +8,8 @@ import torch
 from reference import randomize_
 from test_permute import make, tokens_for
 
-from megatron_elastic.elastic import extract, homogeneous, importance_cli
+from megatron_elastic import cli
+from megatron_elastic.elastic import extract, homogeneous
 from megatron_elastic.elastic.importance import (
     DEPTH_METHODS, Ranking, activation_scores, compute_ranking, depth_random, mamba_scores, ranked,
 )  # fmt: skip
@@ -240,6 +241,6 @@ def test_bad_inputs():
         compute_ranking(model, calib(model.config), depth_method="shortest")
     with pytest.raises(ConfigError, match="no calibration batches"):
         compute_ranking(model, [], depth_method="random")
-    assert DEPTH_METHODS == importance_cli.DEPTH_METHODS == ("iterative-mse", "block-influence", "random")
+    assert DEPTH_METHODS == cli.DEPTH_METHODS == ("iterative-mse", "block-influence", "random")
     with pytest.raises(ConfigError, match="cannot drop"):
         Ranking.identity(model.config).layers_to_drop(6)

@@ -95,3 +95,63 @@ def test_lr_schedule():
     assert lr_at(500, **kw) == pytest.approx(0.1)
     values = [lr_at(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ---------------------------------------------------------------------- parallel.fp8 (a nested section)
+def test_fp8_section_loads_from_yaml_and_overrides(tmp_path):
+    from megatron_elastic.config.schema import FP8Config
+
+    recipe = tmp_path / "fp8.yaml"
+    recipe.write_text("model:\n  preset: tiny\nparallel:\n  tp: 2\n  fp8: {enabled: true, format: e4m3, margin: 1}\n")
+    cfg = load_config(recipe)
+    assert cfg.parallel.tp == 2
+    assert cfg.parallel.fp8 == FP8Config(enabled=True, format="e4m3", margin=1)
+    # overrides merge into the YAML's section field by field
+    cfg = load_config(recipe, ["parallel.fp8.format=hybrid", "parallel.fp8.recipe=tensorwise", "parallel.fp8.bf16_layers=2"])
+    assert cfg.parallel.fp8 == FP8Config(enabled=True, format="hybrid", recipe="tensorwise", margin=1, bf16_layers=2)
+    cfg = load_config(CONFIGS / "tiny.yaml", ["parallel.fp8.enabled=true", "parallel.fp8.amax_history_len=16"])
+    assert cfg.parallel.fp8 == FP8Config(enabled=True, amax_history_len=16)
+    assert load_config(CONFIGS / "tiny.yaml").parallel.fp8 == FP8Config()  # absent: off, defaults
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg  # the section round-trips
+
+
+@pytest.mark.parametrize("old,new", [
+    ("parallel.fp8=true", "parallel.fp8.enabled"),
+    ("parallel.fp8_format=hybrid", "parallel.fp8.format"),
+    ("parallel.fp8_recipe=delayed", "parallel.fp8.recipe"),
+    ("parallel.fp8_amax_history_len=16", "parallel.fp8.amax_history_len"),
+    ("parallel.fp8_amax_compute_algo=max", "parallel.fp8.amax_compute_algo"),
+    ("parallel.fp8_margin=0", "parallel.fp8.margin"),
+    ("parallel.fp8_bf16_layers=1", "parallel.fp8.bf16_layers"),
+])  # fmt: skip
+def test_flat_fp8_keys_name_the_new_key(tmp_path, old, new):
+    key, _, value = old.partition("=")
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", [old])
+    assert f"config key {key!r} was replaced by {new!r}" in str(err.value) and "\n" not in str(err.value)
+    recipe = tmp_path / "old.yaml"  # the same key in a YAML recipe
+    recipe.write_text(f"model:\n  preset: tiny\nparallel:\n  {key.split('.')[1]}: {value}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert f"config key {key!r} was replaced by {new!r}" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("parallel.fp8.format=e5m2", "parallel.fp8.format='e5m2' is invalid; use hybrid or e4m3"),
+    ("parallel.fp8.enabled=yes please", "parallel.fp8.enabled='yes please' is invalid; it must be true or false"),
+    ("parallel.fp8.formt=hybrid", "unknown config key 'parallel.fp8.formt'; did you mean 'parallel.fp8.format'?"),
+    ("parallel.fp8.margin=-1", "parallel.fp8.margin=-1 is invalid"),
+])  # fmt: skip
+def test_bad_fp8_values(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_flat_fp8_key_is_exit_2_in_the_cli(tmp_path, capsys):
+    from megatron_elastic import cli
+
+    assert cli.main(["train", "--config", "tiny", f"run_dir={tmp_path / 'run'}", "parallel.fp8_format=hybrid"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'parallel.fp8_format' was replaced by 'parallel.fp8.format'" in err[0]
+    assert not (tmp_path / "run").exists()
