@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.config import HybridConfig
+from megatron_elastic.model.config import RECOMPUTE_MODES, HybridConfig
 
 
 def _positive_int(section: str, obj, *names: str) -> None:
@@ -81,6 +81,10 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 = no clipping)."""
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'."""
+    recompute: str = "none"
+    """Activation recomputation in backward: 'none'; 'selective' (the Mamba conv + scan + gated norm, the
+    attention core and the squared ReLU are recomputed from their inputs: the large, cheap parts); 'full'
+    (only each block's input is kept; the whole block runs again in backward: about one more forward)."""
     seed: int = 1234
     """Seeds the model init, data order and every random stream."""
     log_interval: int = 10
@@ -115,6 +119,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision={self.precision!r} is invalid; use auto, fp32 or bf16")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.device!r} is invalid; use auto, cpu or cuda")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ConfigError(f"train.recompute={self.recompute!r} is invalid; use {', '.join(RECOMPUTE_MODES)}")
 
 
 @dataclass(kw_only=True)
@@ -426,6 +432,11 @@ class RunConfig:
                 f"data.tokenizer_vocab_size={self.data.tokenizer_vocab_size} exceeds model.vocab_size="
                 f"{self.model.vocab_size}; lower the tokenizer vocabulary or raise the model's"
             )
+        if self.parallel.fp8.enabled and self.train.recompute != "none":
+            # Recomputing a Transformer Engine FP8 layer with a plain checkpoint records its amax twice and
+            # recomputes with other scales; that needs TE's own checkpoint, not wired here.
+            raise ConfigError(f"train.recompute={self.train.recompute} with parallel.fp8.enabled=true is not supported; "
+                              "use train.recompute=none with FP8 (or turn FP8 off)")  # fmt: skip
         if not self.run_dir:
             raise ConfigError("run_dir is empty; give a directory for checkpoints and metrics")
 

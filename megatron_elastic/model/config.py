@@ -17,6 +17,8 @@ MAMBA, ATTENTION, MLP = "M", "*", "-"
 LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP)
 STAGE_SEPARATOR = "|"
 LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
+# Activation recomputation modes (see model.hybrid.set_recompute): what backward recomputes instead of keeping.
+RECOMPUTE_MODES = ("none", "selective", "full")
 # Symbols megatron-core's hybrid models know but this project does not implement.
 _UNSUPPORTED_SYMBOLS = {"E": "MoE layers ('E') are not supported; use a dense MLP ('-')"}
 

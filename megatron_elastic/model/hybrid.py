@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, RECOMPUTE_MODES, HybridConfig
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 from megatron_elastic.model.layers import MLP as MLPMixer
 from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mixer, RMSNorm, recomputed
@@ -18,9 +18,6 @@ from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mi
 # The layer spec: which module implements each pattern symbol. Parallel or fused variants are
 # swapped in by passing another mapping, not by branches inside the layers.
 REFERENCE_MIXERS: Mapping[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: MLPMixer}
-
-# Activation recomputation modes (``train.recompute``): what backward recomputes instead of keeping.
-RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 class HybridBlock(nn.Module):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from megatron_elastic.config import RunConfig, dump_config
 from megatron_elastic.model import HybridLM
+from megatron_elastic.model.hybrid import set_recompute
 from megatron_elastic.tracking import MultiTracker, build_trackers
 from megatron_elastic.training import checkpoint as ckpt
 from megatron_elastic.training.schedule import lr_at
@@ -78,6 +79,7 @@ class Trainer:
         self.grad_accum = tc.global_batch_size // (tc.micro_batch_size * dp_world_size)
         torch.manual_seed(tc.seed)
         self.model = self.build_model().to(self.device)
+        set_recompute(self.model, tc.recompute)  # after build_model: on the parallel blocks too
         self.optimizer = self.build_optimizer()
         self.tracker = tracker if tracker is not None else build_trackers(cfg)
         use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")

@@ -49,6 +49,7 @@ def test_resolved_config_round_trips():
         ("train.max_steps=2.5", "train.max_steps=2.5 is invalid; it must be an integer"),
         ("train.global_batch_size=12", "not a multiple of train.micro_batch_size=8"),
         ("train.precision=fp8", "use auto, fp32 or bf16"),
+        ("train.recompute=some", "train.recompute='some' is invalid; use none, selective, full"),
         ("model.mamba_num_groups=3", "not divisible by model.mamba_num_groups=3"),
         ("model.preset=huge", "unknown model preset 'huge'"),
         ("data.tokenizer_vocab_size=1024", "exceeds model.vocab_size=512"),
@@ -60,6 +61,13 @@ def test_bad_overrides(override, needle):
         load_config(CONFIGS / "tiny.yaml", [override])
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_recompute_modes():
+    for mode in ("none", "selective", "full"):
+        assert load_config(CONFIGS / "tiny.yaml", [f"train.recompute={mode}"]).train.recompute == mode
+    with pytest.raises(ConfigError, match=r"^train.recompute=full with parallel.fp8.enabled=true is not supported; use"):
+        load_config(CONFIGS / "tiny.yaml", ["train.recompute=full", "parallel.fp8.enabled=true"])
 
 
 def test_bad_files(tmp_path):
