@@ -66,7 +66,8 @@ def permute_(model: HybridLM, ranking: Ranking) -> HybridLM:
         elif kind == ATTENTION:
             keep = LayerKeep(attn_heads=_order(ranking.attn_heads[i]))
         else:
-            keep = LayerKeep(mamba_heads=_order(ranking.mamba_heads[i]), mamba_head_dim=_order(ranking.mamba_head_dim[i]))
+            keep = LayerKeep(mamba_heads=_order(ranking.mamba_heads[i]),
+                             mamba_head_dim=_order(ranking.mamba_head_dim[i]))  # fmt: skip
         plan.update({f"layers.{i}.{k}": v for k, v in layer_plan(cfg, i, h, keep).items()})
     done: set[int] = set()
     for name, cut in plan.items():

@@ -281,5 +281,6 @@ def slice_plan(config: HybridConfig, arch: Architecture) -> dict[str, Take]:
     hidden = compact(axes_of(config)["hidden"].indices(arch.hidden_size))
     plan = model_plan(config, hidden)
     for i in arch.kept_layers():
-        plan.update({f"layers.{i}.{k}": v for k, v in layer_plan(config, i, hidden, layer_keep(config, arch, i)).items()})
+        layer = layer_plan(config, i, hidden, layer_keep(config, arch, i))
+        plan.update({f"layers.{i}.{k}": v for k, v in layer.items()})
     return plan

@@ -476,7 +476,7 @@ class TPAttention(Attention):
         n, r = tp.size, tp.rank
         self.tp, self.layer = tp, layer
         self.num_heads, self.num_kv_heads, self.head_dim = ref.num_heads // n, ref.num_kv_heads // n, ref.head_dim
-        q_rows, kv_rows = attention_shard(ref.num_heads, ref.num_kv_heads, ref.head_dim, n, r)  # head-major: whole heads
+        q_rows, kv_rows = attention_shard(ref.num_heads, ref.num_kv_heads, ref.head_dim, n, r)  # whole heads
         self.q_proj = tp.column(ref.q_proj, q_rows)
         self.k_proj = tp.column(ref.k_proj, kv_rows)
         self.v_proj = tp.column(ref.v_proj, kv_rows)

@@ -110,7 +110,8 @@ def test_partition_functions_tile_every_component_once(tp):
     lay = MambaLayout.of(config, 0)
     shards = [mamba_shard(lay, tp, r) for r in range(tp)]
     for c in lay.in_proj:  # each component of in_proj: rank r holds its r-th chunk
-        mine = [s.in_proj_rows[(s.in_proj_rows >= c.offset) & (s.in_proj_rows < c.offset + c.size)] - c.offset for s in shards]
+        inside = [(s.in_proj_rows >= c.offset) & (s.in_proj_rows < c.offset + c.size) for s in shards]
+        mine = [s.in_proj_rows[m] - c.offset for s, m in zip(shards, inside)]
         assert _tiles(mine, c.size), c.name
         for r, rows in enumerate(mine):
             assert rows.tolist() == list(range(r * c.size // tp, (r + 1) * c.size // tp)), (c.name, r)
