@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_elastic.elastic.space import Architecture, child_config, slice_plan
+from megatron_elastic.elastic.space import Architecture, child_config, child_name, slice_plan
 from megatron_elastic.model.hybrid import HybridLM
 
 
@@ -18,14 +18,7 @@ def extract(model: HybridLM, arch: Architecture) -> HybridLM:
     cfg = model.config
     child = HybridLM(child_config(cfg, arch), init=False)
     parent = model.state_dict()
-    renumber = {old: new for new, old in enumerate(arch.kept_layers())}
-    out: dict[str, torch.Tensor] = {}
-    for name, cut in slice_plan(cfg, arch).items():
-        if name.startswith("layers."):
-            _, old, rest = name.split(".", 2)
-            name_in_child = f"layers.{renumber[int(old)]}.{rest}"
-        else:
-            name_in_child = name
-        out[name_in_child] = cut.apply(parent[name])  # loading copies: the child shares no memory with the parent
+    # loading copies: the child shares no memory with the parent
+    out = {child_name(arch, name): cut.apply(parent[name]) for name, cut in slice_plan(cfg, arch).items()}
     child.load_state_dict(out, strict=True)
     return child.to(next(model.parameters()).dtype).train(model.training)

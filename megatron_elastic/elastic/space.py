@@ -274,6 +274,14 @@ def layer_keep(config: HybridConfig, arch: Architecture, index: int) -> LayerKee
                      mamba_head_dim=compact(ax["mamba_head_dim"].indices(layer.mamba_head_dim)))  # fmt: skip
 
 
+def child_name(arch: Architecture, name: str) -> str:
+    """The name in the child of ``arch`` of the parent's parameter ``name`` (kept layers renumbered)."""
+    if not name.startswith("layers."):
+        return name
+    _, old, rest = name.split(".", 2)
+    return f"layers.{arch.kept_layers().index(int(old))}.{rest}"
+
+
 def slice_plan(config: HybridConfig, arch: Architecture) -> dict[str, Take]:
     """Parent parameter name -> what the child of ``arch`` keeps of it: the embedding, final norm and
     output layer, and every parameter of every kept layer (parent layer numbers)."""

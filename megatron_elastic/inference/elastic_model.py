@@ -155,7 +155,7 @@ def view_child(model, arch):
 
     Returns ``(child, copied_bytes)``: the bytes of the few small tensors that had to be gathered.
     """
-    from megatron_elastic.elastic.space import child_config, slice_plan
+    from megatron_elastic.elastic.space import child_config, child_name, slice_plan
     from megatron_elastic.model.hybrid import HybridLM
 
     cfg = model.config
@@ -164,23 +164,16 @@ def view_child(model, arch):
     b = _Builder()
     p = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
     plan = slice_plan(cfg, arch)
-    kept = arch.kept_layers()
-
-    def parent_name(name: str) -> str:  # child layer numbers -> the parent's
-        if not name.startswith("layers."):
-            return name
-        _, new, rest = name.split(".", 2)
-        return f"layers.{kept[int(new)]}.{rest}"
-
+    parent_name = {child_name(arch, name): name for name in plan}  # child parameter -> the parent's
     for name, module in list(child.named_modules()):
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.Linear):
             owner, _, attr = name.rpartition(".")
-            src = parent_name(prefix)
-            b.linear(child.get_submodule(owner), attr, p[src + "weight"], p.get(src + "bias"), plan[src + "weight"])
+            weight, bias = parent_name[prefix + "weight"], parent_name.get(prefix + "bias")
+            b.linear(child.get_submodule(owner), attr, p[weight], None if bias is None else p[bias], plan[weight])
         elif not isinstance(module, ViewLinear):
             for attr in [a for a, t in module._parameters.items() if t is not None]:
-                src = parent_name(prefix + attr)
+                src = parent_name[prefix + attr]
                 b.set(module, attr, b.cut(p[src], plan[src]))
     left = [n for n, t in list(child.named_parameters()) + list(child.named_buffers()) if t.is_meta]
     assert not left, f"view child left unset: {left[:5]}"
