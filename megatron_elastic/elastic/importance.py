@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, HybridConfig
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
+from megatron_elastic.model.layout import MambaLayout
 
 DEPTH_METHODS = ("iterative-mse", "block-influence", "random")
 FORMAT = "megatron-elastic-ranking"
@@ -372,9 +373,9 @@ def activation_scores(model, batches: Iterable, *, log: Callable[[str], None] | 
     def attn_hook(i, module, args, out):
         store("attn_channels", i, absum(out))
 
-    def mamba_hook(i, mixer, module, args, out):
+    def mamba_hook(i, layout, module, args, out):
         b, L, _ = out.shape
-        x = out[..., mixer.d_inner : 2 * mixer.d_inner].reshape(b, L, mixer.num_heads, mixer.head_dim)
+        x = out[..., layout.component("x").slice].reshape(b, L, layout.num_heads, layout.head_dim)
         store("mamba_x", i, absum(x))
 
     def block_hook(i, module, args, out):
@@ -394,7 +395,7 @@ def activation_scores(model, batches: Iterable, *, log: Callable[[str], None] | 
             elif block.layer_type == ATTENTION:
                 handles.append(mixer.q_proj.register_forward_hook(partial(attn_hook, i)))
             else:
-                handles.append(mixer.in_proj.register_forward_hook(partial(mamba_hook, i, mixer)))
+                handles.append(mixer.in_proj.register_forward_hook(partial(mamba_hook, i, MambaLayout.of(cfg, i))))
         handles.append(model.final_norm.register_forward_hook(hidden_hook))
         for n, batch in enumerate(batches):
             tokens = _tokens(batch).to(dev)

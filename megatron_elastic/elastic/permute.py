@@ -32,72 +32,49 @@ from __future__ import annotations
 import torch
 
 from megatron_elastic.elastic.importance import Ranking
-from megatron_elastic.elastic.slicing import head_rows, mamba_channels
 from megatron_elastic.model.config import ATTENTION, MLP
 from megatron_elastic.model.hybrid import HybridLM
+from megatron_elastic.model.layout import Index, LayerKeep, is_all, layer_plan, model_plan
 
 
-def _take_(tensor: torch.Tensor | None, index: torch.Tensor, dim: int) -> None:
+def _take_(tensor: torch.Tensor, index: Index, dim: int) -> None:
     """tensor <- tensor.index_select(dim, index), in place (the Parameter object is kept)."""
-    if tensor is None:
+    if isinstance(index, slice):  # ALL, or a permutation that is one ascending range: the identity
+        assert is_all(index) or (index.start == 0 and index.stop == tensor.shape[dim]), (index, tensor.shape)
         return
     tensor.copy_(tensor.index_select(dim, index.to(tensor.device)))
+
+
+def _order(order: list[int]) -> torch.Tensor:
+    return torch.tensor(order, dtype=torch.long)
 
 
 @torch.no_grad()
 def permute_(model: HybridLM, ranking: Ranking) -> HybridLM:
     """Permute every coupled tensor of ``model`` in place by ``ranking``; returns ``model``.
 
+    The permutation is the slice plan of :mod:`megatron_elastic.model.layout` with full-size orders.
     Raises ConfigError if ``ranking`` does not fit the model's shapes or moves a head across groups.
     """
     cfg = model.config
     ranking.check(cfg)
-    h = torch.tensor(ranking.hidden, dtype=torch.long)
-    gn = cfg.mamba_num_groups * cfg.mamba_state_dim
-
-    _take_(model.embedding.weight, h, 1)
-    if model.output_layer is not None and model.output_layer.weight is not model.embedding.weight:
-        _take_(model.output_layer.weight, h, 1)
-    _take_(model.final_norm.weight, h, 0)
-
-    for i, block in enumerate(model.layers):
-        _take_(block.norm.weight, h, 0)
-        m = block.mixer
-        if block.layer_type == MLP:
-            f = torch.tensor(ranking.ffn[i], dtype=torch.long)
-            _take_(m.up_proj.weight, f, 0)
-            _take_(m.up_proj.weight, h, 1)
-            _take_(m.up_proj.bias, f, 0)
-            _take_(m.down_proj.weight, h, 0)
-            _take_(m.down_proj.weight, f, 1)
-            _take_(m.down_proj.bias, h, 0)
-        elif block.layer_type == ATTENTION:
-            rows = head_rows(torch.tensor(ranking.attn_heads[i], dtype=torch.long), m.head_dim)
-            _take_(m.q_proj.weight, rows, 0)
-            _take_(m.q_proj.bias, rows, 0)
-            for proj in (m.q_proj, m.k_proj, m.v_proj):
-                _take_(proj.weight, h, 1)
-            _take_(m.o_proj.weight, h, 0)
-            _take_(m.o_proj.weight, rows, 1)
-            _take_(m.o_proj.bias, h, 0)
+    h = _order(ranking.hidden)
+    plan = model_plan(cfg, h)
+    for i, kind in enumerate(cfg.layer_types):
+        if kind == MLP:
+            keep = LayerKeep(ffn=_order(ranking.ffn[i]))
+        elif kind == ATTENTION:
+            keep = LayerKeep(attn_heads=_order(ranking.attn_heads[i]))
         else:
-            heads = torch.tensor(ranking.mamba_heads[i], dtype=torch.long)
-            chans = torch.tensor(ranking.mamba_head_dim[i], dtype=torch.long)
-            di = m.d_inner
-            ch = mamba_channels(heads, chans, m.head_dim)  # new d_inner position -> old index
-            bc = torch.arange(2 * gn)
-            # in_proj -> [z, x, B, C, dt] = [d_inner, d_inner, G*N, G*N, H]; conv1d over [x, B, C]
-            in_rows = torch.cat([ch, di + ch, 2 * di + bc, 2 * di + 2 * gn + heads])
-            conv_rows = torch.cat([ch, di + bc])
-            _take_(m.in_proj.weight, in_rows, 0)
-            _take_(m.in_proj.weight, h, 1)
-            _take_(m.in_proj.bias, in_rows, 0)
-            _take_(m.conv1d.weight, conv_rows, 0)
-            _take_(m.conv1d.bias, conv_rows, 0)
-            for p in (m.dt_bias, m.A_log, m.D):
-                _take_(p, heads, 0)
-            _take_(m.norm.weight, ch, 0)
-            _take_(m.out_proj.weight, h, 0)
-            _take_(m.out_proj.weight, ch, 1)
-            _take_(m.out_proj.bias, h, 0)
+            keep = LayerKeep(mamba_heads=_order(ranking.mamba_heads[i]),
+                             mamba_head_dim=_order(ranking.mamba_head_dim[i]))  # fmt: skip
+        plan.update({f"layers.{i}.{k}": v for k, v in layer_plan(cfg, i, h, keep).items()})
+    done: set[int] = set()
+    for name, cut in plan.items():
+        param = model.get_parameter(name)
+        if id(param) in done:  # one tensor under two names (an output layer tied by hand) moves once
+            continue
+        done.add(id(param))
+        _take_(param, cut.rows, 0)
+        _take_(param, cut.cols, 1)
     return model

@@ -17,7 +17,8 @@ depth              a dropped layer is the identity
 An :class:`Architecture` says, per layer, which size each axis takes (homogeneous: the same for
 all layers of a type; heterogeneous: per layer; the hidden size is always global). It turns into
 an :class:`~megatron_elastic.model.ElasticState` of hard masks (:func:`hard_state`) or into the
-config of the sliced child (:func:`child_config`).
+config of the sliced child (:func:`child_config`), and into the slice plan of
+:mod:`megatron_elastic.model.layout` (:func:`slice_plan`) that extraction and view children cut with.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, HybridConfig
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
+from megatron_elastic.model.layout import LayerKeep, Take, compact, layer_plan, model_plan
 
 WIDTH_AXES = ("hidden", "ffn", "attn_heads", "mamba_heads", "mamba_head_dim")
 AXES = WIDTH_AXES + ("depth",)
@@ -259,3 +261,34 @@ def child_config(config: HybridConfig, arch: Architecture) -> HybridConfig:
         mamba_num_heads_per_layer=mheads_list,
         mamba_head_dim_per_layer=mdim_list,
     )
+
+
+def layer_keep(config: HybridConfig, arch: Architecture, index: int) -> LayerKeep:
+    """The parent indices layer ``index`` keeps in ``arch`` (slices where they are a prefix)."""
+    layer, ax = arch.layers[index], layer_axes(config, index)
+    if layer.kind == MLP:
+        return LayerKeep(ffn=compact(ax["ffn"].indices(layer.ffn_hidden_size)))
+    if layer.kind == ATTENTION:
+        return LayerKeep(attn_heads=compact(ax["attn_heads"].indices(layer.num_attention_heads)))
+    return LayerKeep(mamba_heads=compact(ax["mamba_heads"].indices(layer.mamba_num_heads)),
+                     mamba_head_dim=compact(ax["mamba_head_dim"].indices(layer.mamba_head_dim)))  # fmt: skip
+
+
+def child_name(arch: Architecture, name: str) -> str:
+    """The name in the child of ``arch`` of the parent's parameter ``name`` (kept layers renumbered)."""
+    if not name.startswith("layers."):
+        return name
+    _, old, rest = name.split(".", 2)
+    return f"layers.{arch.kept_layers().index(int(old))}.{rest}"
+
+
+def slice_plan(config: HybridConfig, arch: Architecture) -> dict[str, Take]:
+    """Parent parameter name -> what the child of ``arch`` keeps of it: the embedding, final norm and
+    output layer, and every parameter of every kept layer (parent layer numbers)."""
+    validate_architecture(config, arch)
+    hidden = compact(axes_of(config)["hidden"].indices(arch.hidden_size))
+    plan = model_plan(config, hidden)
+    for i in arch.kept_layers():
+        layer = layer_plan(config, i, hidden, layer_keep(config, arch, i))
+        plan.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    return plan

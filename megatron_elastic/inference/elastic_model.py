@@ -6,7 +6,8 @@ a prefix of every axis (inside each group for grouped axes), so each kept block 
 is a strided view of the parent's matrix. Holding all budgets costs the parent's memory plus a few
 module objects.
 
-How a child is laid out (same order as :func:`megatron_elastic.elastic.extract`, which copies):
+How a child is laid out (the slice plan :func:`megatron_elastic.elastic.space.slice_plan` that
+:func:`megatron_elastic.elastic.extract` copies with):
 
 * a matrix whose kept rows and columns are each one contiguous range (embedding, output layer,
   MLP up/down with a prefix of neurons) is a single 2-D view in an ``nn.Linear``;
@@ -31,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from megatron_elastic.errors import CheckpointError
-from megatron_elastic.model.config import ATTENTION, MLP
+from megatron_elastic.model.layout import Index, Take, as_index, is_all, take
 
 
 def index_runs(idx: torch.Tensor | list[int]) -> list[tuple[int, int]]:
@@ -100,36 +101,49 @@ class _MetaSkeleton(TorchFunctionMode):
             return func(*args, **kwargs)
 
 
+def _runs(idx: Index, n: int) -> list[tuple[int, int]]:
+    """:func:`index_runs` of ``idx`` on an axis of size ``n``."""
+    if isinstance(idx, slice):
+        start, stop, _ = idx.indices(n)
+        return [(start, stop)]
+    return index_runs(idx)
+
+
 class _Builder:
     """Fills a child skeleton (built on the meta device) with views of the parent's tensors."""
 
     def __init__(self):
         self.copied_bytes = 0
 
-    def pick(self, t: torch.Tensor, idx: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    def pick(self, t: torch.Tensor, idx: Index, dim: int = 0) -> torch.Tensor:
         """``t`` indexed by ``idx`` along ``dim``: a view when ``idx`` is one range, else a gathered copy."""
-        runs = index_runs(idx)
+        runs = _runs(idx, t.shape[dim])
         if len(runs) == 1:
-            return t.narrow(dim, runs[0][0], runs[0][1] - runs[0][0])
+            return take(t, slice(*runs[0]), dim)
         out = t.index_select(dim, idx.to(t.device))
         self.copied_bytes += out.numel() * out.element_size()
         return out
+
+    def cut(self, t: torch.Tensor, plan: Take) -> torch.Tensor:
+        out = self.pick(t, plan.rows, 0)
+        return out if is_all(plan.cols) else self.pick(out, plan.cols, 1)
 
     def set(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
         old = module._parameters[name]
         assert tuple(old.shape) == tuple(value.shape), (name, tuple(old.shape), tuple(value.shape))
         module._parameters[name] = nn.Parameter(value, requires_grad=False)
 
-    def linear(self, parent: nn.Module, name: str, weight, bias, rows, cols) -> None:
+    def linear(self, parent: nn.Module, name: str, weight, bias, plan: Take) -> None:
         old = getattr(parent, name)
-        if len(index_runs(rows)) == 1 and len(index_runs(cols)) == 1:
-            (r0, r1), (c0, c1) = index_runs(rows)[0], index_runs(cols)[0]
+        row_runs, col_runs = _runs(plan.rows, weight.shape[0]), _runs(plan.cols, weight.shape[1])
+        if len(row_runs) == 1 and len(col_runs) == 1:
+            (r0, r1), (c0, c1) = row_runs[0], col_runs[0]
             self.set(old, "weight", weight[r0:r1, c0:c1])  # the skeleton's nn.Linear, now backed by a view
             if bias is not None:
                 self.set(old, "bias", bias[r0:r1])
             new = old
         else:
-            new = ViewLinear(weight, bias, rows, cols)
+            new = ViewLinear(weight, bias, as_index(plan.rows, weight.shape[0]), as_index(plan.cols, weight.shape[1]))
         assert (new.out_features, new.in_features) == (old.out_features, old.in_features), name
         setattr(parent, name, new)
 
@@ -141,8 +155,7 @@ def view_child(model, arch):
 
     Returns ``(child, copied_bytes)``: the bytes of the few small tensors that had to be gathered.
     """
-    from megatron_elastic.elastic.slicing import head_rows, mamba_channels
-    from megatron_elastic.elastic.space import axes_of, child_config, layer_axes
+    from megatron_elastic.elastic.space import child_config, child_name, slice_plan
     from megatron_elastic.model.hybrid import HybridLM
 
     cfg = model.config
@@ -150,48 +163,18 @@ def view_child(model, arch):
         child = HybridLM(child_config(cfg, arch), init=False)
     b = _Builder()
     p = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
-    hid = axes_of(cfg)["hidden"].indices(arch.hidden_size)
-    vocab = torch.arange(cfg.vocab_size)
-    b.set(child.embedding, "weight", b.pick(p["embedding.weight"], hid, 1))
-    b.set(child.final_norm, "weight", b.pick(p["final_norm.weight"], hid))
-    if child.output_layer is not None:
-        b.linear(child, "output_layer", p["output_layer.weight"], None, vocab, hid)
-    for new, old in enumerate(arch.kept_layers()):
-        layer, block = arch.layers[old], child.layers[new]
-        src = f"layers.{old}."
-        tensors = {k[len(src):]: v for k, v in p.items() if k.startswith(src)}  # this layer's, by local name
-        w, opt = tensors.__getitem__, tensors.get
-        mixer = block.mixer
-        b.set(block.norm, "weight", b.pick(w("norm.weight"), hid))
-        ax = layer_axes(cfg, old)
-        if layer.kind == MLP:
-            f = ax["ffn"].indices(layer.ffn_hidden_size)
-            b.linear(mixer, "up_proj", w("mixer.up_proj.weight"), opt("mixer.up_proj.bias"), f, hid)
-            b.linear(mixer, "down_proj", w("mixer.down_proj.weight"), opt("mixer.down_proj.bias"), hid, f)
-        elif layer.kind == ATTENTION:
-            rows = head_rows(ax["attn_heads"].indices(layer.num_attention_heads), cfg.head_dim)
-            kv = torch.arange(w("mixer.k_proj.weight").shape[0])
-            b.linear(mixer, "q_proj", w("mixer.q_proj.weight"), None, rows, hid)
-            b.linear(mixer, "k_proj", w("mixer.k_proj.weight"), None, kv, hid)
-            b.linear(mixer, "v_proj", w("mixer.v_proj.weight"), None, kv, hid)
-            b.linear(mixer, "o_proj", w("mixer.o_proj.weight"), None, hid, rows)
-        else:
-            dims = cfg.layer_dims(old)
-            P, di, gn = dims.mamba_head_dim, dims.mamba_d_inner, cfg.mamba_num_groups * cfg.mamba_state_dim
-            heads = ax["mamba_heads"].indices(layer.mamba_num_heads)
-            ch = mamba_channels(heads, ax["mamba_head_dim"].indices(layer.mamba_head_dim), P)
-            bc = torch.arange(2 * gn)
-            # in_proj -> [z, x, B, C, dt] = [d_inner, d_inner, G*N, G*N, H]; conv1d over [x, B, C]
-            in_rows = torch.cat([ch, di + ch, 2 * di + bc, 2 * di + 2 * gn + heads])
-            conv_rows = torch.cat([ch, di + bc])
-            b.linear(mixer, "in_proj", w("mixer.in_proj.weight"), opt("mixer.in_proj.bias"), in_rows, hid)
-            b.linear(mixer, "out_proj", w("mixer.out_proj.weight"), opt("mixer.out_proj.bias"), hid, ch)
-            b.set(mixer.conv1d, "weight", b.pick(w("mixer.conv1d.weight"), conv_rows))
-            if opt("mixer.conv1d.bias") is not None:
-                b.set(mixer.conv1d, "bias", b.pick(w("mixer.conv1d.bias"), conv_rows))
-            for name in ("dt_bias", "A_log", "D"):
-                b.set(mixer, name, b.pick(w(f"mixer.{name}"), heads))
-            b.set(mixer.norm, "weight", b.pick(w("mixer.norm.weight"), ch))
+    plan = slice_plan(cfg, arch)
+    parent_name = {child_name(arch, name): name for name in plan}  # child parameter -> the parent's
+    for name, module in list(child.named_modules()):
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.Linear):
+            owner, _, attr = name.rpartition(".")
+            weight, bias = parent_name[prefix + "weight"], parent_name.get(prefix + "bias")
+            b.linear(child.get_submodule(owner), attr, p[weight], None if bias is None else p[bias], plan[weight])
+        elif not isinstance(module, ViewLinear):
+            for attr in [a for a, t in module._parameters.items() if t is not None]:
+                src = parent_name[prefix + attr]
+                b.set(module, attr, b.cut(p[src], plan[src]))
     left = [n for n, t in list(child.named_parameters()) + list(child.named_buffers()) if t.is_meta]
     assert not left, f"view child left unset: {left[:5]}"
     return child.eval(), b.copied_bytes

@@ -5,7 +5,7 @@ With a sharded model (TP > 1 or PP > 1) every rank writes its own pieces as mega
 the single-process model and optimizer, and the logging rank writes the single-process format of
 :mod:`megatron_elastic.training.checkpoint` (a native model directory). In the sharded format:
 
-* keys are layout-independent: the global component keys of ``parallel.tensor.component_layout``
+* keys are layout-independent: the global component keys of ``model.layout.component_layout``
   (``layers.5.mixer.in_proj.weight.z``, ...; global layer indices, so the stage split does not show);
   AdamW's moments under ``optim.exp_avg.<key>`` / ``optim.exp_avg_sq.<key>``, its step count per
   parameter under ``optim.step.<name>``, the router's moments by index under ``optim.*.router.<i>``;
@@ -84,7 +84,7 @@ class _Slicer:
         self.tp_size, self.tp_rank = g.tp_size, g.tp_rank
         self.local = self.full = None
         if self.tp_size > 1:
-            from megatron_elastic.parallel.tensor import component_layout
+            from megatron_elastic.model.layout import component_layout
 
             config = trainer.cfg.model
             self.local = {
@@ -232,7 +232,7 @@ def _entries(model, optimizer, config, place: _Place, *, with_missing_state: boo
     Views alias the live parameters and AdamW moments (``t[c.local_slice]`` is this rank's piece of
     the global tensor ``c.key``). With ``with_missing_state`` parameters without AdamW state yet get
     a zero state first, so that a load can fill it."""
-    from megatron_elastic.parallel.tensor import component_layout
+    from megatron_elastic.model.layout import component_layout
 
     replicated = place.tp_rank * place.dp + place.dp_rank
     names = {id(p): n for n, p in model.named_parameters()}

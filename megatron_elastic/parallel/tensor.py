@@ -23,9 +23,10 @@ Heads are head-major and the heads of one group are contiguous, so "chunk ``r`` 
 "the heads of groups ``r*G/tp .. (r+1)*G/tp - 1``" and every group's heads stay on one rank.
 
 Elastic masks stay in the *global* index space: :class:`ElasticState` is the same object on every
-rank, and each mixer cuts its local mask out of it with :func:`shard_slice`, the partition function
-its weights were cut with. A prefix mask therefore means the same parent channels at any TP degree,
-so what is extracted does not depend on the layout used in training. A mask that carries gradients
+rank, and each mixer cuts its local mask out of it with :func:`~megatron_elastic.model.layout.shard_slice`,
+the partition function its weights were cut with (the packed layout and every partition function live
+in :mod:`megatron_elastic.model.layout`). A prefix mask therefore means the same parent channels at any
+TP degree, so what is extracted does not depend on the layout used in training. A mask that carries gradients
 (soft masks from the router) gets, on every rank, the gradient of the whole global mask.
 
 Sequence parallelism (``sequence_parallel=True``) also splits the residual stream between mixers
@@ -33,7 +34,8 @@ by positions; see the section below. :data:`LINEAR_SPECS` picks megatron-core or
 linears (FP8: :mod:`megatron_elastic.parallel.fp8`).
 
 :func:`tp_component_slices`, :func:`merge_tp_state_dicts` and :func:`split_tp_state_dict` describe and
-move between layouts with the same partition (checkpoints, resharding).
+move between layouts with the same partition (checkpoints, resharding), through
+:func:`~megatron_elastic.model.layout.component_layout`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -53,45 +54,11 @@ from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, HybridConfig
 from megatron_elastic.model.elastic_state import LayerMask
 from megatron_elastic.model.hybrid import HybridBlock, HybridLM
+from megatron_elastic.model.layout import (
+    MambaLayout, TPComponent, attention_shard, component_layout, mamba_shard, shard_index, shard_slice,
+)  # fmt: skip
 from megatron_elastic.model.layers import MLP as MLPMixer
 from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mixer, RMSNorm
-
-# ----------------------------------------------------------------------------- partition
-
-
-def shard_slice(n: int, tp_size: int, tp_rank: int) -> slice:
-    """The one partition function: rank ``tp_rank``'s contiguous chunk of ``n`` items."""
-    assert n % tp_size == 0, f"{n} items do not split over {tp_size} ranks"
-    size = n // tp_size
-    return slice(tp_rank * size, (tp_rank + 1) * size)
-
-
-def _shard_index(n: int, tp_size: int, tp_rank: int) -> torch.Tensor:
-    s = shard_slice(n, tp_size, tp_rank)
-    return torch.arange(s.start, s.stop)
-
-
-def _packed_rows(parts: list[tuple[str, int]], tp_size: int, tp_rank: int) -> torch.Tensor:
-    """Global rows of a packed tensor that rank ``tp_rank`` holds: its chunk of every component,
-    components in their packed order."""
-    rows, offset = [], 0
-    for _, n in parts:
-        rows.append(offset + _shard_index(n, tp_size, tp_rank))
-        offset += n
-    return torch.cat(rows)
-
-
-def mamba_in_proj_parts(config: HybridConfig, layer: int) -> list[tuple[str, int]]:
-    """in_proj -> [z, x, B, C, dt] = [d_inner, d_inner, G*N, G*N, H] (global sizes)."""
-    d = config.layer_dims(layer)
-    gn = d.mamba_num_groups * d.mamba_state_dim
-    return [("z", d.mamba_d_inner), ("x", d.mamba_d_inner), ("B", gn), ("C", gn), ("dt", d.mamba_num_heads)]
-
-
-def mamba_conv_parts(config: HybridConfig, layer: int) -> list[tuple[str, int]]:
-    """conv1d over [x, B, C] = [d_inner, G*N, G*N] (global sizes)."""
-    return mamba_in_proj_parts(config, layer)[1:4]
-
 
 # ----------------------------------------------------------------------------- divisibility
 
@@ -514,11 +481,10 @@ class TPMamba2Mixer(Mamba2Mixer):
         self.d_inner = self.num_heads * self.head_dim
         self.conv_dim = self.d_inner + 2 * self.num_groups * self.state_dim
         self.chunk_size, self.dt_limit = ref.chunk_size, ref.dt_limit
-        heads = _shard_index(ref.num_heads, n, r)
-        chans = _shard_index(ref.d_inner, n, r)
+        shard = mamba_shard(MambaLayout.of(config, layer), n, r)
+        heads, chans, conv_rows = shard.heads, shard.channels, shard.conv_rows
         # in_proj -> [z_r, x_r, B_r, C_r, dt_r]: rank r's chunk of each packed component
-        self.in_proj = tp.column(ref.in_proj, _packed_rows(mamba_in_proj_parts(config, layer), n, r))
-        conv_rows = _packed_rows(mamba_conv_parts(config, layer), n, r)  # [x_r, B_r, C_r]
+        self.in_proj = tp.column(ref.in_proj, shard.in_proj_rows)
         k = ref.conv1d.kernel_size[0]
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, k, groups=self.conv_dim, padding=k - 1,
                                 bias=ref.conv1d.bias is not None, device=ref.conv1d.weight.device,
@@ -548,8 +514,7 @@ class TPAttention(Attention):
         n, r = tp.size, tp.rank
         self.tp, self.layer = tp, layer
         self.num_heads, self.num_kv_heads, self.head_dim = ref.num_heads // n, ref.num_kv_heads // n, ref.head_dim
-        q_rows = _shard_index(ref.num_heads * ref.head_dim, n, r)  # head-major: whole heads
-        kv_rows = _shard_index(ref.num_kv_heads * ref.head_dim, n, r)
+        q_rows, kv_rows = attention_shard(ref.num_heads, ref.num_kv_heads, ref.head_dim, n, r)  # whole heads
         self.q_proj = tp.column(ref.q_proj, q_rows)
         self.k_proj = tp.column(ref.k_proj, kv_rows)
         self.v_proj = tp.column(ref.v_proj, kv_rows)
@@ -567,7 +532,7 @@ class TPMLP(MLPMixer):
     def __init__(self, ref: MLPMixer, tp: TPContext, layer: int, config: HybridConfig):
         nn.Module.__init__(self)
         self.tp, self.layer = tp, layer
-        neurons = _shard_index(ref.up_proj.out_features, tp.size, tp.rank)
+        neurons = shard_index(ref.up_proj.out_features, tp.size, tp.rank)
         self.up_proj = tp.column(ref.up_proj, neurons)
         self.down_proj = tp.row(ref.down_proj, neurons)
 
@@ -695,7 +660,7 @@ def apply_tensor_parallel(model: HybridLM, tp_group, *, linears: str = "megatron
                    num_layers=config.num_layers, sequence_parallel=sequence_parallel)  # fmt: skip
     from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 
-    vocab_rows = _shard_index(config.vocab_size, size, rank)
+    vocab_rows = shard_index(config.vocab_size, size, rank)
     emb = VocabParallelEmbedding(config.vocab_size, config.hidden_size, init_method=_no_init, config=mp, tp_group=tp_group)
     _copy_param(emb.weight, ref_weight[vocab_rows], 0)
     for i, block in enumerate(model.layers):
@@ -715,68 +680,6 @@ def apply_tensor_parallel(model: HybridLM, tp_group, *, linears: str = "megatron
 
 
 # ----------------------------------------------------------------------------- layouts
-
-
-@dataclass(frozen=True)
-class TPComponent:
-    """One layout-independent piece of a parameter (see :func:`tp_component_slices`)."""
-
-    key: str
-    """Name of the global tensor this piece belongs to (the same at every TP degree)."""
-    local_slice: tuple[slice, ...]
-    """``local_param[local_slice]`` is this rank's piece of the global tensor ``key``."""
-    shard_axis: int | None
-    """Axis the global tensor is split along over the TP ranks, in rank order; None = replicated."""
-
-
-_LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
-_COLUMN = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "up_proj.weight", "up_proj.bias", "A_log", "D",
-           "dt_bias", "norm.weight")  # fmt: skip
-_ROW = ("out_proj.weight", "o_proj.weight", "down_proj.weight")
-_REPLICATED = ("out_proj.bias", "down_proj.bias")
-
-
-def _param_spec(config: HybridConfig, name: str) -> tuple[list[tuple[str, int]] | None, int | None]:
-    """(packed components along axis 0 or None, shard axis) of parameter ``name``."""
-    if name in ("embedding.weight", "output_layer.weight"):
-        return None, 0
-    if name == "final_norm.weight":
-        return None, None
-    m = _LAYER.match(name)
-    if m is None:
-        raise KeyError(f"no tensor-parallel layout for parameter {name!r}")
-    layer, rest = int(m.group(1)), m.group(2)
-    if rest == "norm.weight":  # the block's pre-norm
-        return None, None
-    if not rest.startswith("mixer."):
-        raise KeyError(f"no tensor-parallel layout for parameter {name!r}")
-    rest = rest[len("mixer."):]
-    if rest in ("in_proj.weight", "in_proj.bias"):
-        return mamba_in_proj_parts(config, layer), 0
-    if rest in ("conv1d.weight", "conv1d.bias"):
-        return mamba_conv_parts(config, layer), 0
-    if rest in _COLUMN:
-        return None, 0
-    if rest in _ROW:
-        return None, 1
-    if rest in _REPLICATED:
-        return None, None
-    raise KeyError(f"no tensor-parallel layout for parameter {name!r}")
-
-
-def component_layout(config: HybridConfig, name: str, ndim: int, tp_size: int) -> list[TPComponent]:
-    """The components of parameter ``name`` (``ndim`` dims) in a model split over ``tp_size`` ranks.
-    At ``tp_size=1`` the slices are the components' places in the global tensor."""
-    parts, axis = _param_spec(config, name)
-    full = (slice(None),) * ndim
-    if parts is None:
-        return [TPComponent(name, full, axis)]
-    out, offset = [], 0
-    for part, n in parts:
-        local = n // tp_size
-        out.append(TPComponent(f"{name}.{part}", (slice(offset, offset + local),) + full[1:], 0))
-        offset += local
-    return out
 
 
 def tp_component_slices(model: nn.Module) -> dict[str, list[TPComponent]]:

@@ -8,9 +8,9 @@ from reference import randomize_
 from megatron_elastic.elastic import ElasticSpace
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model import HybridConfig, HybridLM, preset
+from megatron_elastic.model.layout import component_layout
 from megatron_elastic.parallel.tensor import (
     check_tp_divisibility,
-    component_layout,
     merge_tp_state_dicts,
     split_tp_state_dict,
     tp_component_slices,

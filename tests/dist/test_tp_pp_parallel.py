@@ -55,7 +55,7 @@ def assert_megatron_core_reads_tp2pp2_checkpoint(run_dir, gathered) -> None:
     from megatron_elastic.convert.native import read_native_config
     from megatron_elastic.errors import CheckpointError
     from megatron_elastic.model import HybridLM
-    from megatron_elastic.parallel.tensor import component_layout
+    from megatron_elastic.model.layout import component_layout
     from megatron_elastic.training import checkpoint as ckpt
     from megatron_elastic.training.trainer import build_optimizer
 
