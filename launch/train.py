@@ -48,7 +48,7 @@ def run(args) -> int:
     from megatron_elastic.config import load_config
     from megatron_elastic.errors import ConfigError
     from megatron_elastic.parallel.groups import destroy_parallel, env_world_size, init_parallel
-    from megatron_elastic.training import checkpoint
+    from megatron_elastic.checkpoint import native as checkpoint
     from megatron_elastic.training.data_setup import build_training_data
     from megatron_elastic.training.trainer import resolve_device
 

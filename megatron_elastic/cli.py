@@ -174,7 +174,7 @@ def cmd_train(args) -> int:
         overrides.append("tracking.backends=console,mlflow")
     cfg = load_config(args.config, overrides)
 
-    from megatron_elastic.training import checkpoint
+    from megatron_elastic.checkpoint import native as checkpoint
     from megatron_elastic.training.data_setup import build_training_data
     from megatron_elastic.training.trainer import Trainer
 
@@ -230,7 +230,7 @@ def _elastic_inputs(cfg):
 
     space = build_space(cfg, depth_order)  # an infeasible space fails here, with one line
     check_budgets_reachable(cfg, space)
-    from megatron_elastic.training import checkpoint
+    from megatron_elastic.checkpoint import native as checkpoint
 
     latest = checkpoint.latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
     if latest is not None and (latest / "elastic.json").is_file():

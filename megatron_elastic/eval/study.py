@@ -47,7 +47,7 @@ def _run_cli(argv: list[str]) -> None:
 
 
 def _latest(run_dir: Path) -> Path:
-    from megatron_elastic.training import checkpoint
+    from megatron_elastic.checkpoint import native as checkpoint
 
     path = checkpoint.latest_checkpoint(run_dir / "checkpoints")
     if path is None:
