@@ -39,7 +39,7 @@ def _say(msg: str) -> None:
 
 
 def _latest(run_dir: Path) -> Path:
-    from megatron_elastic.training import checkpoint
+    from megatron_elastic.checkpoint import native as checkpoint
 
     path = checkpoint.latest_checkpoint(run_dir / "checkpoints")
     if path is None:

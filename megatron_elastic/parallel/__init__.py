@@ -1,6 +1,6 @@
 """megatron-core glue: process groups (:mod:`.groups`), pipeline stages and the 1F1B schedule
-(:mod:`.pipeline`), data-parallel gradient averaging (:mod:`.data`), layout-independent checkpoints
-(:mod:`.checkpoint`) and the trainers that combine them (:mod:`.trainer`). Tensor parallelism lives
+(:mod:`.pipeline`), data-parallel gradient averaging (:mod:`.data`) and the trainers that combine them (:mod:`.trainer`;
+their layout-independent checkpoints are :mod:`megatron_elastic.checkpoint.dist`). Tensor parallelism lives
 in :mod:`.tensor` and :mod:`.losses`.
 
 Importing this package does not import megatron-core (about 7 s); the submodules do, when used.

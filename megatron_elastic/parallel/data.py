@@ -7,7 +7,7 @@ Why not megatron-core's ``DistributedDataParallel`` + distributed optimizer here
 distributed optimizer shards exactly those buffers. None of that can run on a CPU/gloo process. The
 trainer therefore averages gradients itself with one flat all-reduce per step (gloo on CPU, NCCL on
 CUDA), which is what megatron's DDP does without overlap; its AdamW state stays replicated and its
-checkpoints reshard through :mod:`megatron_elastic.parallel.checkpoint`.
+checkpoints reshard through :mod:`megatron_elastic.checkpoint.dist`.
 
 Gradient accumulation: every micro-batch loss is a mean over equally sized micro-batches and is
 divided by the local number of micro-batches, so the average over data-parallel ranks equals the

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_elastic.checkpoint import native as ckpt
+from megatron_elastic.config import dump_config
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.parallel.data import allreduce_gradients
 from megatron_elastic.parallel.groups import ParallelGroups
@@ -167,22 +169,27 @@ class ParallelMixin:
         return bool(flag.item())
 
     def save(self):
-        from megatron_elastic.parallel import checkpoint as pckpt
+        from megatron_elastic.checkpoint import dist as pckpt
 
-        return pckpt.save(self)
+        state = {"step": self.step, "consumed_samples": self.consumed_samples,
+                 "loader": self.data.train_loader.state_dict(), **self.extra_trainer_state()}  # fmt: skip
+        return pckpt.save(self.ckpt_root, step=self.step, model=self.model, optimizer=self.optimizer, groups=self.groups,
+                          config=self.cfg.model, trainer_state=state, config_yaml=dump_config(self.cfg),
+                          keep_last=self.cfg.train.keep_last, extra=self.extra_checkpoint_state())  # fmt: skip
 
     def maybe_resume(self) -> bool:
-        from megatron_elastic.parallel import checkpoint as pckpt
+        from megatron_elastic.checkpoint import dist as pckpt
 
-        latest = pckpt.latest(self)
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
         if latest is None:
             return False
-        state, rng = pckpt.load(self, latest)
+        state, rng = pckpt.load(latest, model=self.model, optimizer=self.optimizer, groups=self.groups,
+                                config=self.cfg.model, router=getattr(self, "router", None))  # fmt: skip
         self.load_extra_checkpoint_state(latest)
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
         self.restore_loader(state)
-        pckpt.set_rng(rng)
+        ckpt.set_rng_state(rng)
         self._truncate_metrics(self.step)
         self.resumed_from = latest
         return True
@@ -434,10 +441,11 @@ class ParallelElasticTrainer(ParallelMixin, ElasticTrainer):
         return out
 
     def on_finished(self) -> None:
+        from megatron_elastic.checkpoint.dist import gather_full_model
         from megatron_elastic.elastic import manyinone
-        from megatron_elastic.parallel.checkpoint import gather_full_model
 
-        full = gather_full_model(self)  # the single-device parent on the logging rank, None elsewhere
+        # the single-device parent on the logging rank, None elsewhere
+        full = gather_full_model(self.model, self.optimizer, self.groups, self.cfg.model, self.router)
         if full is not None:
             meta = self.elastic_metadata()
             path = manyinone.save(Path(self.cfg.run_dir) / "many-in-one", model=full, router=self.router,

@@ -1,4 +1,5 @@
-"""The tracker interface and the fan-out to several backends."""
+"""The tracker interface and the fan-out to several backends (the backends themselves are built in
+:mod:`megatron_elastic.tracking.factory`, so this module names none of them)."""
 
 from __future__ import annotations
 
@@ -60,22 +61,3 @@ class MultiTracker(Tracker):
         for t in self.trackers:
             t.finish(status)
 
-
-def build_trackers(cfg, *, enabled: bool = True) -> MultiTracker:
-    """Trackers named in ``cfg.tracking.backends`` (a RunConfig).
-
-    ``enabled=False`` gives an empty fan-out: in a distributed run only one rank reports (the
-    first rank of the last pipeline stage, which holds the loss); the others pass False."""
-    trackers: list[Tracker] = []
-    if not enabled:
-        return MultiTracker(trackers)
-    for name in cfg.tracking.backends:
-        if name == "console":
-            from megatron_elastic.tracking.console import ConsoleTracker
-
-            trackers.append(ConsoleTracker())
-        elif name == "mlflow":
-            from megatron_elastic.tracking.mlflow_backend import MLflowTracker
-
-            trackers.append(MLflowTracker(cfg.tracking))
-    return MultiTracker(trackers)

@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from megatron_elastic.tracking.base import Tracker, flatten
 from megatron_elastic.tracking.spool import Spool
+from megatron_elastic.version import __version__
 
 RUN_FILE = "mlflow_run.json"
 STAGING_DIR = "mlflow_staging"
@@ -97,11 +98,10 @@ def config_hash(config: dict) -> str:
 
 
 def run_tags(config: dict, *, uid: str) -> dict[str, str]:
-    import megatron_elastic
-
-    tags = {"megatron_elastic.uid": uid, "megatron_elastic.version": megatron_elastic.__version__,
+    tags = {"megatron_elastic.uid": uid, "megatron_elastic.version": __version__,
             "config_hash": config_hash(config)}  # fmt: skip
-    commit = git_commit(Path(megatron_elastic.__file__).parent)
+    # the package directory (tracking/..): the commit of the code that ran
+    commit = git_commit(Path(__file__).parent.parent)
     if commit:
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit  # what the MLflow UI shows as the source version

@@ -48,7 +48,7 @@ def resolve_elastic_run(cfg: RunConfig) -> ElasticRun:
     data or compute: the space, the budgets' reachability and a checkpoint to resume."""
     from megatron_elastic.api import read_model_config
     from megatron_elastic.elastic.importance import find_ranking, read_depth_order
-    from megatron_elastic.training import checkpoint
+    from megatron_elastic.checkpoint import native as checkpoint
     from megatron_elastic.training.elastic_trainer import build_space, check_budgets_reachable, check_same_space
 
     parent = Path(cfg.elastic.parent)
@@ -69,7 +69,7 @@ def resolve_elastic_run(cfg: RunConfig) -> ElasticRun:
 def check_resume(cfg: RunConfig) -> Path | None:
     """The run directory's latest checkpoint (None for a new run), checked against ``cfg.model`` before
     any data or model is built."""
-    from megatron_elastic.training import checkpoint
+    from megatron_elastic.checkpoint import native as checkpoint
 
     latest = checkpoint.latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
     if latest is not None:

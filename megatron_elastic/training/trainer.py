@@ -18,17 +18,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megatron_elastic.checkpoint import dist as dist_ckpt
+from megatron_elastic.checkpoint import native as ckpt
 from megatron_elastic.config import RunConfig, dump_config
 from megatron_elastic.model import HybridLM
 from megatron_elastic.model.hybrid import set_recompute
+from megatron_elastic.model.params import NO_DECAY
 from megatron_elastic.tracking import MultiTracker, build_trackers
-from megatron_elastic.training import checkpoint as ckpt
 from megatron_elastic.training.schedule import lr_at
 from megatron_elastic.training.signals import EXIT_REQUEUE, StopFlag
 
 METRICS_FILE = "metrics.jsonl"
 # Parameters that get no weight decay: gains, biases and the SSM's per-head scalars.
-_NO_DECAY = ("norm.weight", ".bias", "A_log", ".D", "dt_bias")
 
 
 @dataclass
@@ -52,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if name.endswith(_NO_DECAY) else decay).append(p)
+        (no_decay if name.endswith(NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach=False: the per-parameter loop gives bit-identical results across runs and resumes.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -115,7 +116,7 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         if latest is None:
             return False
-        state, rng = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer)
+        state, rng = dist_ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer)
         self.load_extra_checkpoint_state(latest)
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])

@@ -23,7 +23,8 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (before a rename publishes it)."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             fsync_path(os.path.join(dirpath, name))
@@ -44,7 +45,7 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if dst.exists():
             # Keep the old directory until the new one is in place.
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")

@@ -59,7 +59,7 @@ SIGNAL_LAYOUTS = [pytest.param([], RTOL, ATOL, False, id="dp2"),
 def test_env_signal_on_one_rank_checkpoints_and_resumes(reference, cache, tmp_path, layout, rtol, atol, dist_format):
     import signal
 
-    from megatron_elastic.training.checkpoint import is_dist_checkpoint
+    from megatron_elastic.checkpoint.native import is_dist_checkpoint
 
     run_dir = tmp_path / "run"
     args = [*FAST, f"run_dir={run_dir}", f"data.cache_dir={cache}", "train.save_interval=0", *layout]

@@ -56,7 +56,8 @@ def assert_megatron_core_reads_tp2pp2_checkpoint(run_dir, gathered) -> None:
     from megatron_elastic.errors import CheckpointError
     from megatron_elastic.model import HybridLM
     from megatron_elastic.model.layout import component_layout
-    from megatron_elastic.training import checkpoint as ckpt
+    from megatron_elastic.checkpoint import dist as dist_ckpt
+    from megatron_elastic.checkpoint import native as ckpt
     from megatron_elastic.training.trainer import build_optimizer
 
     root = run_dir / "checkpoints"
@@ -88,7 +89,7 @@ def assert_megatron_core_reads_tp2pp2_checkpoint(run_dir, gathered) -> None:
     model = HybridLM(config)
     optimizer = build_optimizer(model, TrainConfig())
     with pytest.raises(CheckpointError) as err:
-        ckpt.load_checkpoint(broken, model=model, optimizer=optimizer)
+        dist_ckpt.load_checkpoint(broken, model=model, optimizer=optimizer)
     assert "\n" not in str(err.value) and "corrupt" in str(err.value)
     (broken / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"lacks \.metadata"):

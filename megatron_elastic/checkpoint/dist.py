@@ -3,7 +3,7 @@
 With a sharded model (TP > 1 or PP > 1) every rank writes its own pieces as megatron-core
 ``ShardedTensor``s (``torch_dist`` format). With data parallelism only, every rank holds exactly
 the single-process model and optimizer, and the logging rank writes the single-process format of
-:mod:`megatron_elastic.training.checkpoint` (a native model directory). In the sharded format:
+:mod:`megatron_elastic.checkpoint.native` (a native model directory). In the sharded format:
 
 * keys are layout-independent: the global component keys of ``model.layout.component_layout``
   (``layers.5.mixer.in_proj.weight.z``, ...; global layer indices, so the stage split does not show);
@@ -19,10 +19,10 @@ the single-process model and optimizer, and the logging rank writes the single-p
   rank as in the single-process format.
 
 Atomic: everything goes to ``.step_XXXXXXXX.tmp-dist`` next to the final directory; after a barrier
-rank 0 renames it, moves ``latest`` and prunes (``training.checkpoint.publish``). Loading reads a
+rank 0 renames it, moves ``latest`` and prunes (``checkpoint.native.publish``). Loading reads a
 dist checkpoint with a sharded state dict of the current layout (resharding is megatron-core's), or
 a single-process checkpoint by cutting the full tensors (``_Slicer``). The single-process trainer
-reads dist checkpoints through :func:`load_dist_single_process` (a one-rank gloo group).
+reads either format through :func:`load_checkpoint` (a dist checkpoint in a one-rank gloo group).
 
 Saving uses ``SyncTorchDistSave`` (``_sync_save_strategy``): megatron-core 0.16's own ``torch_dist`` save strategy
 always goes through its asynchronous writer, whose synchronous path calls
@@ -42,12 +42,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_elastic.config import dump_config
 from megatron_elastic.errors import CheckpointError
 from megatron_elastic.model import HybridLM
-from megatron_elastic.training import checkpoint as ckpt
-from megatron_elastic.training.trainer import _NO_DECAY
-from megatron_elastic.utils.io import _fsync_tree, fsync_path, load_safetensors, read_json, write_json
+from megatron_elastic.checkpoint import native as ckpt
+from megatron_elastic.model.params import NO_DECAY
+from megatron_elastic.utils.io import fsync_tree, fsync_path, load_safetensors, read_json, write_json
 
 ROUTER_PREFIX = "router."
 
@@ -61,15 +60,14 @@ def _meta_model(config) -> HybridLM:
 def full_parameter_order(config, router=None) -> tuple[list[str], list[str], list[str]]:
     """Names in a single-process optimizer's order: (decayed, not decayed, router)."""
     names = [n for n, _ in _meta_model(config).named_parameters()]
-    decay = [n for n in names if not n.endswith(_NO_DECAY)]
-    no_decay = [n for n in names if n.endswith(_NO_DECAY)]
+    decay = [n for n in names if not n.endswith(NO_DECAY)]
+    no_decay = [n for n in names if n.endswith(NO_DECAY)]
     routed = [ROUTER_PREFIX + n for n, _ in router.named_parameters()] if router is not None else []
     return decay, no_decay, routed
 
 
-def _local_names(trainer) -> dict[int, str]:
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    router = getattr(trainer, "router", None)
+def _local_names(model, router=None) -> dict[int, str]:
+    names = {id(p): n for n, p in model.named_parameters()}
     if router is not None:
         names.update({id(p): ROUTER_PREFIX + n for n, p in router.named_parameters()})
     return names
@@ -79,17 +77,13 @@ def _local_names(trainer) -> dict[int, str]:
 class _Slicer:
     """Maps between a rank's local tensors and the full single-device tensors (identity at TP=1)."""
 
-    def __init__(self, trainer):
-        g = trainer.groups
-        self.tp_size, self.tp_rank = g.tp_size, g.tp_rank
+    def __init__(self, model, groups, config):
+        self.tp_size, self.tp_rank = groups.tp_size, groups.tp_rank
         self.local = self.full = None
         if self.tp_size > 1:
             from megatron_elastic.model.layout import component_layout
 
-            config = trainer.cfg.model
-            self.local = {
-                n: component_layout(config, n, p.dim(), self.tp_size) for n, p in trainer.model.named_parameters()
-            }
+            self.local = {n: component_layout(config, n, p.dim(), self.tp_size) for n, p in model.named_parameters()}
             self.full = {c.key: c.local_slice for n, p in _meta_model(config).named_parameters()
                          for c in component_layout(config, n, p.dim(), 1)}  # fmt: skip
 
@@ -126,15 +120,15 @@ class _Slicer:
 
 
 # ---------------------------------------------------------------------- gather
-def _local_payload(trainer, slicer: _Slicer) -> dict:
+def _local_payload(model, optimizer, groups, slicer: _Slicer, router=None) -> dict:
     """This rank's parameters and AdamW state, cut into TP pieces, keyed by global names."""
     params, state = {}, {}
-    names = _local_names(trainer)
-    for n, p in trainer.model.named_parameters():
+    names = _local_names(model, router)
+    for n, p in model.named_parameters():
         params[n] = {k: (v.detach().cpu(), a) for k, (v, a) in slicer.pieces(n, p.detach()).items()}
-    for group in trainer.optimizer.param_groups:
+    for group in optimizer.param_groups:
         for p in group["params"]:
-            st = trainer.optimizer.state.get(p)
+            st = optimizer.state.get(p)
             if not st:
                 continue
             n = names[id(p)]
@@ -143,12 +137,11 @@ def _local_payload(trainer, slicer: _Slicer) -> dict:
                 entry[k] = {kk: (v.detach().cpu(), a) for kk, (v, a) in
                             (slicer.pieces(n, st[k]) if not n.startswith(ROUTER_PREFIX) else {n: (st[k], None)}).items()}  # fmt: skip
             state[n] = entry
-    return {"tp_rank": trainer.groups.tp_rank, "pp_rank": trainer.groups.pp_rank, "params": params, "state": state}
+    return {"tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "params": params, "state": state}
 
 
-def _gather_to_logger(trainer, payload):
+def _gather_to_logger(g, payload):
     """Payloads of every (tp, pp) rank of data-parallel replica 0, on the logging rank."""
-    g = trainer.groups
     if not g.distributed:
         return [payload]
     # Every rank takes part (gather_object is a collective over the world); replicas > 0 send None.
@@ -164,10 +157,9 @@ def _logger_global_rank(g) -> int:
     return (g.pp_size - 1) * g.dp_size * g.tp_size
 
 
-def _merge(trainer, payloads: list[dict]):
+def _merge(slicer: _Slicer, config, payloads: list[dict]):
     """(full parameters by name, full AdamW state by name) from every rank's payload."""
-    slicer = _Slicer(trainer)
-    meta = dict(_meta_model(trainer.cfg.model).named_parameters())
+    meta = dict(_meta_model(config).named_parameters())
     by_name: dict[str, list[dict]] = {}
     state_by_name: dict[str, dict[str, list[dict]]] = {}
     steps: dict[str, torch.Tensor] = {}
@@ -294,23 +286,30 @@ def _sync_save_strategy():
     return SyncTorchDistSave("torch_dist", 1)
 
 
-def save(trainer) -> Path | None:
-    """Write a checkpoint of the current step (collective: every rank calls it). Returns its path on
-    the logging rank, None elsewhere."""
+def save(ckpt_root: Path, *, step: int, model, optimizer, groups, config, trainer_state: dict, config_yaml: str,
+         keep_last: int, extra: dict | None = None) -> Path | None:  # fmt: skip
+    """Write a checkpoint of ``step`` (collective: every rank calls it). Returns its path on the logging
+    rank, None elsewhere. ``config``: the model config; ``trainer_state``: what resuming needs besides
+    weights, optimizer and RNG (the layout is added here); ``extra``: as in :func:`native.save_checkpoint`."""
     from megatron.core import dist_checkpointing as dc
     from megatron.core.dist_checkpointing import ShardedObject
 
-    g = trainer.groups
+    g = groups
+    trainer_state = {**trainer_state, "layout": _Place.of(g).layout()}
     if g.tp_size == 1 and g.pp_size == 1:
         # Data parallelism only: every rank holds exactly the single-process model and optimizer, so
         # the logging rank writes the single-process format (a native model directory that
         # `importance` / `extract` / `load_pretrained` read); sharding would not spread any I/O.
-        path = _write_single_process_format(trainer) if g.is_logging_rank else None
+        path = None
+        if g.is_logging_rank:
+            path = ckpt.save_checkpoint(ckpt_root, step=step, model=model, optimizer=optimizer,
+                                        trainer_state=trainer_state, config_yaml=config_yaml, keep_last=keep_last,
+                                        extra=extra)  # fmt: skip
         if g.distributed:
             dist.barrier()
         return path
     place = _Place.of(g)
-    root, name = trainer.ckpt_root, ckpt.step_dirname(trainer.step)
+    root, name = ckpt_root, ckpt.step_dirname(step)
     tmp, dst = root / f".{name}.tmp-dist", root / name
     with _process_group():
         if place.rank == 0:
@@ -319,15 +318,15 @@ def save(trainer) -> Path | None:
             tmp.mkdir()
         dist.barrier()
         sd = {key: _sharded(key, view, axis, rid, place)
-              for key, view, axis, rid in _entries(trainer.model, trainer.optimizer, trainer.cfg.model, place)}  # fmt: skip
+              for key, view, axis, rid in _entries(model, optimizer, config, place)}  # fmt: skip
         sd["rng"] = ShardedObject("rng", ckpt.rng_state(), (place.world,), (place.rank,), replica_id=0)
         sd["megatron_elastic"] = {"layout": place.layout(), "logging_rank": place.logger}  # common: equal on all ranks
         dc.save(sd, str(tmp), sharded_strategy=_sync_save_strategy())
         if g.is_logging_rank:
-            _write_small_files(trainer, tmp, place)
+            _write_small_files(tmp, config, trainer_state, config_yaml, extra)
         dist.barrier()
         if place.rank == 0:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if dst.exists():  # a rerun of the same step: keep the old one until the new one is in place
                 old = root / f".{name}.old-dist"
                 shutil.rmtree(old, ignore_errors=True)
@@ -337,34 +336,21 @@ def save(trainer) -> Path | None:
             else:
                 os.rename(tmp, dst)
             fsync_path(root)
-            ckpt.publish(root, name, trainer.cfg.train.keep_last)
+            ckpt.publish(root, name, keep_last)
         dist.barrier()  # nobody goes on (or exits) before the checkpoint is published
     return dst if g.is_logging_rank else None
 
 
-def _write_single_process_format(trainer) -> Path:
-    state = {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
-             "loader": trainer.data.train_loader.state_dict(), **trainer.extra_trainer_state(),
-             "layout": _Place.of(trainer.groups).layout()}  # fmt: skip
-    return ckpt.save_checkpoint(trainer.ckpt_root, step=trainer.step, model=trainer.model, optimizer=trainer.optimizer,
-                                trainer_state=state, config_yaml=dump_config(trainer.cfg),
-                                keep_last=trainer.cfg.train.keep_last, extra=trainer.extra_checkpoint_state())  # fmt: skip
-
-
-def _write_small_files(trainer, tmp: Path, place: _Place) -> None:
+def _write_small_files(tmp: Path, config, trainer_state: dict, config_yaml: str, extra: dict | None) -> None:
     """What the single-process format holds besides weights, optimizer and RNG (same names)."""
-    config = trainer.cfg.model
-    state = {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
-             "loader": trainer.data.train_loader.state_dict(), **trainer.extra_trainer_state(),
-             "layout": place.layout()}  # fmt: skip
-    write_json(tmp / "trainer_state.json", state)
+    write_json(tmp / "trainer_state.json", trainer_state)
     write_json(tmp / "megatron_elastic.json", {
         "format": "megatron-elastic-model", "format_version": 1, "model": config.to_dict(),
         "num_parameters": sum(p.numel() for p in _meta_model(config).parameters()), "dtype": "float32",
         "weights": "megatron-core dist_checkpointing (torch_dist)",
     })  # fmt: skip
-    (tmp / "config.yaml").write_text(dump_config(trainer.cfg))
-    for fname, value in trainer.extra_checkpoint_state().items():
+    (tmp / "config.yaml").write_text(config_yaml)
+    for fname, value in (extra or {}).items():
         if isinstance(value, str):
             (tmp / fname).write_text(value)
         elif isinstance(value, bytes):
@@ -438,68 +424,67 @@ def _load_dist(path: Path, model, optimizer, config, place: _Place) -> tuple[dic
     return trainer_state, out["rng"]
 
 
-def load_dist_single_process(path: Path, *, model, optimizer) -> tuple[dict, dict]:
-    """A dist checkpoint of any layout into the single-device model and its AdamW (one TP=1 rank)."""
-    with _process_group():
+def load_checkpoint(path: Path, *, model, optimizer) -> tuple[dict, dict]:
+    """A checkpoint of either format and any layout into the single-device model and its AdamW, in one
+    process; returns (trainer_state, rng_state). Validates first."""
+    if not ckpt.is_dist_checkpoint(path):
+        return ckpt.load_native(path, model=model, optimizer=optimizer)
+    ckpt.validate_checkpoint(path, model.config)
+    with _process_group():  # written by a parallel run: read as one TP=1 x PP=1 rank
         return _load_dist(path, model, optimizer, model.config, _Place())
 
 
-def latest(trainer) -> Path | None:
-    return ckpt.latest_checkpoint(trainer.ckpt_root)
-
-
-def load(trainer, path: Path) -> tuple[dict, dict]:
-    """Restore this rank's piece of the model and AdamW state from a checkpoint of any layout."""
-    ckpt.validate_checkpoint(path, trainer.cfg.model)
+def load(path: Path, *, model, optimizer, groups, config, router=None) -> tuple[dict, dict]:
+    """Restore this rank's piece of the model and AdamW state from a checkpoint of any layout; returns
+    (trainer_state, rng_state). ``config``: the model config; ``router``: the elastic router, if any."""
+    ckpt.validate_checkpoint(path, config)
     if ckpt.is_dist_checkpoint(path):
         with _process_group():
-            return _load_dist(path, trainer.model, trainer.optimizer, trainer.cfg.model, _Place.of(trainer.groups))
-    return _load_native(trainer, path)
+            return _load_dist(path, model, optimizer, config, _Place.of(groups))
+    return _load_native(path, model, optimizer, groups, config, router)
 
 
-def _load_native(trainer, path: Path) -> tuple[dict, dict]:
+def _load_native(path: Path, model, optimizer, groups, config, router) -> tuple[dict, dict]:
     """A single-process checkpoint: every rank reads the full tensors and cuts out its piece."""
     trainer_state = read_json(path / "trainer_state.json", "trainer state")
     full = load_safetensors(path / ckpt.WEIGHTS_FILE, dtype=torch.float32)
     opt_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
-    slicer = _Slicer(trainer)
+    slicer = _Slicer(model, groups, config)
     with torch.no_grad():
-        for n, p in trainer.model.named_parameters():
+        for n, p in model.named_parameters():
             p.copy_(slicer.to_local(n, full[n], p))
-    decay, no_decay, routed = full_parameter_order(trainer.cfg.model, getattr(trainer, "router", None))
+    decay, no_decay, routed = full_parameter_order(config, router)
     order = decay + no_decay + routed
     saved = opt_sd["state"]
-    names = _local_names(trainer)
-    for group in trainer.optimizer.param_groups:
+    names = _local_names(model, router)
+    for group in optimizer.param_groups:
         for p in group["params"]:
             n = names[id(p)]
             entry = saved.get(order.index(n))
             if entry is None:
-                trainer.optimizer.state.pop(p, None)
+                optimizer.state.pop(p, None)
                 continue
             st = {"step": entry["step"].clone()}
             for k in ("exp_avg", "exp_avg_sq"):
                 st[k] = (
                     (entry[k] if n.startswith(ROUTER_PREFIX) else slicer.to_local(n, entry[k], p)).to(p.device).clone()
                 )
-            trainer.optimizer.state[p] = st
+            optimizer.state[p] = st
     return trainer_state, rng
 
 
-def set_rng(rng: dict) -> None:
-    ckpt.set_rng_state(rng)
-
-
-def gather_full_model(trainer) -> HybridLM | None:
-    """The single-device model with the current weights, on the logging rank (None elsewhere)."""
-    g = trainer.groups
+def gather_full_model(model, optimizer, groups, config, router=None) -> HybridLM | None:
+    """The single-device model with the current weights, on the logging rank (None elsewhere); collective.
+    ``model`` / ``optimizer``: this rank's pieces; ``config``: the model config."""
+    g = groups
     if g.pp_size == 1 and g.tp_size == 1:
-        return trainer.model if g.is_logging_rank else None
-    payloads = _gather_to_logger(trainer, _local_payload(trainer, _Slicer(trainer)))
+        return model if g.is_logging_rank else None
+    slicer = _Slicer(model, g, config)
+    payloads = _gather_to_logger(g, _local_payload(model, optimizer, g, slicer, router))
     if payloads is None:
         return None
-    params, _ = _merge(trainer, payloads)
-    model = HybridLM(trainer.cfg.model, init=False)
-    model.load_state_dict({n: params[n] for n, _ in model.named_parameters()}, strict=False)
-    return model
+    params, _ = _merge(slicer, config, payloads)
+    full = HybridLM(config, init=False)
+    full.load_state_dict({n: params[n] for n, _ in full.named_parameters()}, strict=False)
+    return full

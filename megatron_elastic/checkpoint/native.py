@@ -16,8 +16,9 @@ A run killed at any instant therefore resumes from a complete checkpoint.
 
 Parallel runs (``launch/train.py``) write the model and optimizer through megatron-core
 ``dist_checkpointing`` instead (``common.pt``, ``metadata.json``, ``.metadata``, one ``*.distcp`` per
-rank; see :mod:`megatron_elastic.parallel.checkpoint`) next to the same small files.
-:func:`load_checkpoint` reads either format, so one process resumes a parallel run and back.
+rank; see :mod:`megatron_elastic.checkpoint.dist`) next to the same small files.
+:func:`megatron_elastic.checkpoint.dist.load_checkpoint` reads either format, so one process resumes a
+parallel run and back.
 """
 
 from __future__ import annotations
@@ -148,13 +149,10 @@ def validate_checkpoint(path: Path, model_config) -> None:
     read_json(path / "trainer_state.json", "trainer state")
 
 
-def load_checkpoint(path: Path, *, model, optimizer) -> tuple[dict, dict]:
-    """Restore model and optimizer in place; returns (trainer_state, rng_state). Validates first."""
+def load_native(path: Path, *, model, optimizer) -> tuple[dict, dict]:
+    """Restore model and optimizer in place from the single-process format; returns (trainer_state,
+    rng_state). Validates first. :func:`megatron_elastic.checkpoint.dist.load_checkpoint` reads either format."""
     validate_checkpoint(path, model.config)
-    if is_dist_checkpoint(path):  # written by a parallel run: read as one TP=1 x PP=1 rank
-        from megatron_elastic.parallel.checkpoint import load_dist_single_process
-
-        return load_dist_single_process(path, model=model, optimizer=optimizer)
     trainer_state = read_json(path / "trainer_state.json", "trainer state")
     state = load_safetensors(path / WEIGHTS_FILE, dtype=torch.float32)
     load_state_into(model, state, str(path))
