@@ -16,11 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import random_arch
 from reference import randomize_
 from spawning import spawn_ranks
 
 from megatron_elastic.distill.losses import forward_kl
-from megatron_elastic.elastic import Architecture, LayerArch, full_architecture, hard_state
+from megatron_elastic.elastic import hard_state
 from megatron_elastic.model import HybridConfig, HybridLM
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 
@@ -59,23 +60,6 @@ def batch(cfg: dict = CFG, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, cfg["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(seed))
 
 
-def random_arch(config: HybridConfig, rng: random.Random) -> Architecture:
-    """Every layer its own TP-divisible sizes, some layers dropped."""
-    layers = []
-    for layer in full_architecture(config).layers:
-        kw = dict(kind=layer.kind, keep=rng.random() > 0.25)
-        if layer.kind == "-":
-            kw["ffn_hidden_size"] = TP * rng.randint(1, config.ffn_hidden_size // TP)
-        elif layer.kind == "*":
-            kw["num_attention_heads"] = config.num_query_groups * rng.randint(1, 3)
-        else:
-            kw["mamba_num_heads"] = config.mamba_num_groups * rng.randint(1, 4)
-            kw["mamba_head_dim"] = rng.randint(1, config.mamba_head_dim)
-        layers.append(LayerArch(**kw))
-    layers[0] = LayerArch(**(vars(layers[0]) | {"keep": True}))
-    return Architecture(hidden_size=rng.randint(4, config.hidden_size), layers=tuple(layers))
-
-
 def soft_state(config: HybridConfig, seed: int) -> ElasticState:
     """Random mask values in (0, 1) on every axis, as leaf tensors that collect gradients."""
     gen = torch.Generator().manual_seed(seed)
@@ -109,7 +93,8 @@ def scenarios(config: HybridConfig):
     """name -> (state factory); every rank builds the same global state."""
     out = {"plain": lambda: None}
     for seed in SEEDS:
-        out[f"hard{seed}"] = lambda seed=seed: hard_state(config, random_arch(config, random.Random(seed)))
+        out[f"hard{seed}"] = lambda seed=seed: hard_state(
+            config, random_arch(config, random.Random(seed), ffn_multiple=TP, always_keep_first=True))
     out["soft"] = lambda: soft_state(config, 5)
     return out
 
