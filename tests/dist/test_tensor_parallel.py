@@ -113,6 +113,7 @@ def _gather_last(t: torch.Tensor) -> torch.Tensor:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     init_worker(rank, port)
     try:
+        from megatron_elastic.model.hybrid import set_recompute
         from megatron_elastic.parallel.losses import vocab_parallel_cross_entropy
         from megatron_elastic.parallel.tensor import (
             allreduce_sequence_parallel_grads,
@@ -133,7 +134,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         tokens = batch()
         runs = [(name, model, make) for name, make in scenarios(config).items()]
         runs += [(f"sp_{name}", sp_model, make) for name, make in scenarios(config).items()]
+        runs += [(f"{prefix}{mode}_{name}", m, scenarios(config)[name]) for prefix, m in (("", model), ("sp_", sp_model))
+                 for mode, name in RECOMPUTED]  # fmt: skip
         for name, model, make_state in runs:
+            mode = next((m for m in ("full", "selective") if f"{m}_" in name), "none")
+            set_recompute(model, mode)  # the parallel blocks and mixers recompute in backward
             model.zero_grad(set_to_none=True)
             state = make_state()
             logits = model(tokens[:, :-1], elastic=state)
@@ -152,6 +157,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 for k in entry["mask_grads"]:  # every rank holds the whole global mask's gradient
                     torch.testing.assert_close(mask_grads[0][k], mask_grads[1][k], rtol=0, atol=0)
             results[name] = entry
+            set_recompute(model, "none")
         # tied embeddings: the head multiplies by the (vocabulary-sharded) embedding weight
         tied = apply_tensor_parallel(build(TIED), group)
         logits = tied(tokens[:, :-1], elastic=scenarios(config)["hard0"]())
@@ -203,13 +209,18 @@ def _dense_run(state, cfg=CFG):
 
 
 NAMES = ["plain", *(f"hard{s}" for s in SEEDS), "soft"]
+# Activation recomputation under TP and sequence parallelism, with hard and soft (gradient-carrying) masks.
+RECOMPUTED = [("full", "soft"), ("selective", "soft"), ("full", "hard0")]
+RECOMPUTED_NAMES = [f"{p}{mode}_{n}" for p in ("", "sp_") for mode, n in RECOMPUTED]
 
 
-@pytest.mark.parametrize("name", NAMES + ["tied"] + [f"sp_{n}" for n in NAMES])
+@pytest.mark.parametrize("name", NAMES + ["tied"] + [f"sp_{n}" for n in NAMES] + RECOMPUTED_NAMES)
 def test_tp2_logits_and_grads_equal_single_device(tp_results, name):
-    """``sp_*``: the same with sequence parallelism (each rank keeps half the positions between mixers)."""
+    """``sp_*``: the same with sequence parallelism (each rank keeps half the positions between mixers);
+    ``full_*`` / ``selective_*``: with activation recomputation (against the single device without it)."""
     config = HybridConfig(**CFG)
-    state = scenarios(config)["hard0" if name == "tied" else name.removeprefix("sp_")]()
+    base = name.removeprefix("sp_").removeprefix("full_").removeprefix("selective_")
+    state = scenarios(config)["hard0" if name == "tied" else base]()
     model, logits, loss = _dense_run(state, TIED if name == "tied" else CFG)
     got = tp_results[name]
     assert logits.abs().max() > 1.0  # a non-trivial model: the comparison can fail
