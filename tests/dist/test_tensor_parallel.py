@@ -134,8 +134,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         tokens = batch()
         runs = [(name, model, make) for name, make in scenarios(config).items()]
         runs += [(f"sp_{name}", sp_model, make) for name, make in scenarios(config).items()]
-        runs += [(f"{prefix}{mode}_{name}", m, scenarios(config)[name]) for prefix, m in (("", model), ("sp_", sp_model))
-                 for mode, name in RECOMPUTED]  # fmt: skip
+        for prefix, m in (("", model), ("sp_", sp_model)):
+            runs += [(f"{prefix}{mode}_{name}", m, scenarios(config)[name]) for mode, name in RECOMPUTED]
         for name, model, make_state in runs:
             mode = next((m for m in ("full", "selective") if f"{m}_" in name), "none")
             set_recompute(model, mode)  # the parallel blocks and mixers recompute in backward
