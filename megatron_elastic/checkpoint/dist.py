@@ -46,7 +46,7 @@ from megatron_elastic.errors import CheckpointError
 from megatron_elastic.model import HybridLM
 from megatron_elastic.checkpoint import native as ckpt
 from megatron_elastic.model.params import NO_DECAY
-from megatron_elastic.utils.io import fsync_tree, fsync_path, load_safetensors, read_json, write_json
+from megatron_elastic.utils.io import contained_path, fsync_path, fsync_tree, load_safetensors, read_json, write_json
 
 ROUTER_PREFIX = "router."
 
@@ -378,12 +378,77 @@ def _unreadable():
             pickle.UnpicklingError)  # fmt: skip
 
 
+# Globals a torch.distributed.checkpoint ``.metadata`` file may name (its own dataclasses, dtypes, sizes).
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                     ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+                     ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}  # fmt: skip
+
+
+def check_safe_to_unpickle(path: Path) -> None:
+    """torch.distributed.checkpoint unpickles ``.metadata`` and every byte entry (megatron-core's
+    ShardedObjects: the RNG states) with no restriction, so a checkpoint from a shared filesystem
+    could run code there. Read them first the safe way: ``.metadata`` naming only checkpoint
+    metadata classes, dtypes and sizes; each byte entry with ``weights_only`` (tensors and plain
+    values), from a file inside ``path``. Anything else is refused with one line."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            allowed = module == "torch.distributed.checkpoint.metadata" or (module, name) in _METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))  # fmt: skip
+            if not allowed:
+                raise pickle.UnpicklingError(f"global {module}.{name} is not checkpoint metadata")
+            return super().find_class(module, name)
+
+    def refuse(what: str, exc: BaseException) -> CheckpointError:
+        return CheckpointError(f"checkpoint {str(path)!r}: {what} holds objects other than checkpoint data ({exc}); "
+                               "it is corrupt or unsafe (unpickling it could run code), so it is refused: resume "
+                               "from an older step_* directory or start a new run_dir")  # fmt: skip
+
+    try:
+        with open(path / ".metadata", "rb") as f:
+            meta = Unpickler(f).load()
+    except pickle.UnpicklingError as exc:
+        raise refuse(".metadata", exc) from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has unreadable dist_checkpointing metadata "
+                              f"({_first_line(exc)}); it is truncated or corrupt: resume from an older step_* "
+                              "directory or start a new run_dir") from None  # fmt: skip
+    try:
+        entries = [(fqn, meta.storage_data[MetadataIndex(fqn)]) for fqn, m in meta.state_dict_metadata.items()
+                   if isinstance(m, BytesStorageMetadata)]  # fmt: skip
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has malformed dist_checkpointing metadata "
+                              f"({_first_line(exc)}); it is corrupt: resume from an older step_* directory or start "
+                              "a new run_dir") from None  # fmt: skip
+    for fqn, info in entries:
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"checkpoint {str(path)!r}: entry {fqn!r} is stored with transforms "
+                                  f"{list(info.transform_descriptors)}, which this reader does not check; refused")  # fmt: skip
+        file = contained_path(path, info.relative_path, "dist_checkpointing file")
+        with open(file, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        try:
+            ckpt.load_torch_state(io.BytesIO(data))
+        except pickle.UnpicklingError as exc:
+            raise refuse(f"entry {fqn!r}", str(exc).strip().splitlines()[-1][:160]) from None
+        except (RuntimeError, EOFError, ValueError, OSError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r}: entry {fqn!r} could not be read ({_first_line(exc)}); "
+                                  "it is truncated or corrupt: resume from an older step_* directory or start a new "
+                                  "run_dir") from None  # fmt: skip
+
+
 def _load_dist(path: Path, model, optimizer, config, place: _Place) -> tuple[dict, dict]:
     """Fill this rank's pieces from a dist checkpoint of any layout; returns (trainer state, RNG)."""
     from megatron.core import dist_checkpointing as dc
     from megatron.core.dist_checkpointing import ShardedObject
 
     trainer_state = read_json(path / "trainer_state.json", "trainer state")
+    check_safe_to_unpickle(path)
     unreadable = _unreadable()
     try:
         saved = set(dc.load_tensors_metadata(str(path)))
@@ -448,8 +513,7 @@ def _load_native(path: Path, model, optimizer, groups, config, router) -> tuple[
     """A single-process checkpoint: every rank reads the full tensors and cuts out its piece."""
     trainer_state = read_json(path / "trainer_state.json", "trainer state")
     full = load_safetensors(path / ckpt.WEIGHTS_FILE, dtype=torch.float32)
-    opt_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+    opt_sd, rng = ckpt.read_optimizer_and_rng(path)
     slicer = _Slicer(model, groups, config)
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -51,6 +51,30 @@ def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
 
 
+# What an RNG state needs beyond tensors and plain containers: NumPy's generator state holds an array.
+_NUMPY_ARRAY = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
+
+
+def load_torch_state(path: Path):
+    """An optimizer or RNG state written with ``torch.save``, read with ``weights_only=True``: tensors,
+    numbers, strings and containers, and NumPy's array reconstruction; any other global in the file
+    (code that a checkpoint received from elsewhere could run) fails with ``pickle.UnpicklingError``."""
+    with torch.serialization.safe_globals(list(_NUMPY_ARRAY)):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unreadable_state_error(path: Path, name: str, exc: BaseException) -> CheckpointError:
+    """The one-line error for an optimizer or RNG file that cannot be read safely."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        why = "holds objects other than tensors and plain values (refused: unpickling them could run code)"
+    else:
+        why = f"is unreadable ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})"
+    return CheckpointError(f"checkpoint {str(path)!r}: {name} {why}; it is corrupt or was not written by "
+                           "megatron-elastic: resume from an older step_* directory or start a new run_dir")  # fmt: skip
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -156,15 +180,28 @@ def load_native(path: Path, *, model, optimizer) -> tuple[dict, dict]:
     trainer_state = read_json(path / "trainer_state.json", "trainer state")
     state = load_safetensors(path / WEIGHTS_FILE, dtype=torch.float32)
     load_state_into(model, state, str(path))
+    opt_sd, rng = read_optimizer_and_rng(path)
     try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, ValueError, KeyError, OSError) as exc:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has an unreadable optimizer or RNG file ({str(exc).splitlines()[0]}); "
-            "it is truncated or corrupt: resume from an older step_* directory or start a new run_dir"
-        ) from None
+        optimizer.load_state_dict(opt_sd)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise unreadable_state_error(path, "optimizer.pt", exc) from None
     return trainer_state, rng
+
+
+def read_optimizer_and_rng(path: Path) -> tuple[dict, dict]:
+    """optimizer.pt and rng.pt of a single-process checkpoint, read safely (:func:`load_torch_state`)."""
+    import pickle
+
+    out = []
+    for name in ("optimizer.pt", "rng.pt"):
+        try:
+            state = load_torch_state(path / name)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError) as exc:
+            raise unreadable_state_error(path, name, exc) from None
+        if not isinstance(state, dict):
+            raise unreadable_state_error(path, name, ValueError(f"holds a {type(state).__name__}, not a dict"))
+        out.append(state)
+    return out[0], out[1]
 
 
 def read_trainer_state(path: Path) -> dict:

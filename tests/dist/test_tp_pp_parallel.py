@@ -5,6 +5,9 @@ and continue the single-process trace; the many-in-one parent gathered from the 
 TP=2 x PP=2 checkpoint (megatron-core dist_checkpointing) is read back by megatron-core alone with a
 TP=1 sharded state dict and equals the gathered parent bit for bit."""
 
+import os
+import pickle
+
 from layouts import (
     SAVE_AT,
     STEPS,
@@ -94,3 +97,36 @@ def assert_megatron_core_reads_tp2pp2_checkpoint(run_dir, gathered) -> None:
     (broken / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"lacks \.metadata"):
         ckpt.validate_checkpoint(broken, config)
+    # torch.distributed.checkpoint unpickles .metadata and the byte entries (the RNG states) without
+    # restriction: a hostile pickle planted in either is refused before that, and never runs
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    with open(path / ".metadata", "rb") as f:
+        meta = pickle.load(f)  # written by the run above
+    fqn = next(k for k, m in meta.state_dict_metadata.items() if isinstance(m, BytesStorageMetadata))
+    entry = meta.storage_data[MetadataIndex(fqn)]
+    for target in (".metadata", fqn):
+        hostile, marker = run_dir.parent / f"hostile{len(target)}", run_dir.parent / f"ran{len(target)}"
+        shutil.copytree(path, hostile)
+        payload = pickle.dumps(Hostile(marker))
+        if target == ".metadata":
+            (hostile / ".metadata").write_bytes(payload)
+        else:
+            assert len(payload) <= entry.length
+            data = bytearray((hostile / entry.relative_path).read_bytes())
+            data[entry.offset:entry.offset + entry.length] = payload.ljust(entry.length, b".")
+            (hostile / entry.relative_path).write_bytes(bytes(data))
+        with pytest.raises(CheckpointError) as err:
+            dist_ckpt.load_checkpoint(hostile, model=model, optimizer=optimizer)
+        assert "\n" not in str(err.value) and "could run code" in str(err.value), str(err.value)
+        assert not marker.exists(), f"a hostile {target} ran code"
+
+
+class Hostile:
+    """Unpickling this creates ``marker``: what a checkpoint from an attacker would do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
