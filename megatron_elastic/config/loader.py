@@ -26,6 +26,7 @@ from megatron_elastic.config.schema import (
 )
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import HybridConfig, preset
+from megatron_elastic.utils.redact import redact
 
 SECTIONS = {"model": HybridConfig, "data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig,
             "elastic": ElasticConfig, "distill": DistillConfig, "parallel": ParallelConfig}  # fmt: skip
@@ -240,5 +241,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML (loads back to an equal config)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML, as run directories and checkpoints keep it: credentials in the
+    tracking URI are redacted (user info, token-like query values), so the file holds no secret; the
+    rest loads back to an equal config. A resumed run takes the URI from its command line again."""
+    data = cfg.to_dict()
+    data["tracking"]["mlflow_uri"] = redact(data["tracking"]["mlflow_uri"])
+    return yaml.safe_dump(data, sort_keys=False)

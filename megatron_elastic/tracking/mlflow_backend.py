@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from megatron_elastic.tracking.base import Tracker, flatten
 from megatron_elastic.tracking.spool import Spool
+from megatron_elastic.utils.redact import SECRET_WORDS, redact
 from megatron_elastic.version import __version__
 
 RUN_FILE = "mlflow_run.json"
@@ -42,17 +43,6 @@ STAGING_DIR = "mlflow_staging"
 _PARAM_LIMIT_FALLBACK = 500  # MLflow servers before 1.28 accept 500 characters per param value
 _BATCH_PARAMS = 100  # MLflow's limit of params + tags per log_batch
 _BATCH_METRICS = 1000  # ... and of metrics
-_SECRET_WORDS = "token|key|secret|password|passwd|pwd|sig|signature|credential|auth"
-_USERINFO = re.compile(r"(?<=//)[^/@\s'\"]+@")
-_SECRET_QUERY = re.compile(rf"([?&;][^=&#\s'\"]*(?:{_SECRET_WORDS})[^=&#\s'\"]*=)[^&#\s'\"]+", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """Hide credentials in any text holding URIs: ``https://user:pw@host`` -> ``https://***@host``,
-    ``...?token=abc`` -> ``...?token=***``."""
-    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub("***@", str(text)))
-
-
 class Redactor:
     """:func:`redact` plus the literal secrets of one tracking URI (its password and token values,
     as written and URL-decoded), which also hides them where an error message quotes them alone."""
@@ -64,7 +54,7 @@ class Redactor:
             if parts.password:
                 secrets |= {parts.password, unquote(parts.password)}
             for key, value in parse_qsl(parts.query, keep_blank_values=False):
-                if re.search(_SECRET_WORDS, key, re.IGNORECASE):
+                if re.search(SECRET_WORDS, key, re.IGNORECASE):
                     secrets |= {value, unquote(value)}
         except ValueError:
             pass

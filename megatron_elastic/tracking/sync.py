@@ -27,13 +27,17 @@ def _run_tracking_section(run_dir: Path) -> dict:
 def sync(run_dir: Path, uri: str = "", *, timeout_s: int | None = None, say=None) -> dict:
     """Replay the spool of ``run_dir``; returns the delivery counts. Raises UserError when there is
     nothing to sync to or the server does not answer."""
-    from megatron_elastic.tracking.mlflow_backend import RunLink, redact
+    from megatron_elastic.tracking.mlflow_backend import RunLink
+    from megatron_elastic.utils.redact import is_redacted, redact
     from megatron_elastic.tracking.spool import Spool
 
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise UserError(f"run directory {str(run_dir)!r} does not exist; give the run_dir of a training run")
     section = _run_tracking_section(run_dir)
+    if not uri and is_redacted(section.get("mlflow_uri") or ""):
+        raise UserError(f"the run's config.yaml holds the tracking URI without its credentials "
+                        f"({section['mlflow_uri']}); pass it in full with --tracking-uri")  # fmt: skip
     uri = uri or section.get("mlflow_uri") or f"sqlite:///{run_dir / 'mlflow.db'}"
     spool = Spool(run_dir)
     link = RunLink(run_dir, uri, timeout_s=timeout_s or int(section.get("mlflow_timeout_s") or 10), retry_s=0, say=say)

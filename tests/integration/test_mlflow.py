@@ -218,8 +218,9 @@ def test_tiny_elastic_run_logs_everything_and_resumes_into_the_same_run(live_ser
         arch = json.loads((dst / f"architectures/budget-{r['key']}.json").read_text())
         assert arch["architecture"] == meta["architectures"][r["key"]] and arch["parameters"] == r["parameters"]
     # nothing of the tracking state holds the password either
-    for name in ("mlflow_run.json",):
-        assert SECRET not in (run_dir / name).read_text()
+    for path in [run_dir / "mlflow_run.json", run_dir / "config.yaml", *run_dir.glob("checkpoints/step_*/config.yaml")]:
+        assert SECRET not in path.read_text(), path
+    assert len(list(run_dir.glob("checkpoints/step_*/config.yaml"))) >= 1
     assert not (run_dir / "mlflow_spool.jsonl").exists()
 
 

@@ -1,5 +1,6 @@
 """YAML recipes, dotted overrides and their errors."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -163,3 +164,15 @@ def test_flat_fp8_key_is_exit_2_in_the_cli(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'parallel.fp8_format' was replaced by 'parallel.fp8.format'" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("uri", [
+    "https://alice:pa55w0rd@mlflow.example.com:5000", "https://mlflow.example.com/api?access_token=AbC9xYz&run=1",
+])  # fmt: skip
+def test_written_config_holds_no_credentials(uri):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"tracking.mlflow_uri={uri}"])
+    text = dump_config(cfg)
+    assert "pa55w0rd" not in text and "AbC9xYz" not in text and "***" in text
+    back = config_from_dict(yaml.safe_load(text))
+    assert back.tracking.mlflow_uri == uri.replace("alice:pa55w0rd", "***").replace("AbC9xYz", "***")
+    assert dataclasses.replace(back, tracking=cfg.tracking) == cfg  # nothing else changes

@@ -10,9 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from megatron_elastic.config import load_config
 from megatron_elastic.model import HybridLM, preset
 from megatron_elastic.tracking import build_trackers, flatten
-from megatron_elastic.tracking.mlflow_backend import Redactor, config_hash, config_params, redact
+from megatron_elastic.tracking.mlflow_backend import Redactor, config_hash, config_params
 from megatron_elastic.tracking.perf import forward_flops_per_token, throughput_metrics
 from megatron_elastic.tracking.spool import Spool
+from megatron_elastic.utils.redact import redact
 
 SECRET_URIS = [
     ("https://alice:pa55w0rd@mlflow.example.com:5000", ["pa55w0rd", "alice:pa55w0rd"]),
