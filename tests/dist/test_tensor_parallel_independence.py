@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_tensor_parallel import ATOL, CFG, RTOL, TP, batch, build, init_worker, random_arch, spawn
+from helpers import random_arch
+from test_tensor_parallel import ATOL, CFG, RTOL, TP, batch, build, init_worker, spawn
 
 from megatron_elastic.distill.losses import forward_kl
 from megatron_elastic.elastic import extract, hard_state
@@ -25,8 +26,10 @@ LR = 3e-3
 
 def _archs(config: HybridConfig):
     """One sampled budget per step, and the budget extracted at the end."""
-    train = [random_arch(config, random.Random(100 + s)) for s in range(STEPS)]
-    return train, random_arch(config, random.Random(7))
+    def arch(seed: int):  # TP-divisible FFN widths
+        return random_arch(config, random.Random(seed), ffn_multiple=TP, always_keep_first=True)
+
+    return [arch(100 + s) for s in range(STEPS)], arch(7)
 
 
 def _step_loss(model, tokens, arch, ce, kl):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from spawning import free_port
-from test_elastic import FAST, cache, parent_dir, records  # noqa: F401 - shared fixtures of the elastic tests
+from test_elastic import FAST, records
 
 from megatron_elastic.config import load_config
 from megatron_elastic.tracking import flatten
@@ -81,7 +81,7 @@ def live_server(server):
         server.start()
 
 
-def train_cmd(parent, run_dir, cache, uri, *extra):  # noqa: F811
+def train_cmd(parent, run_dir, cache, uri, *extra):
     exe = Path(sys.executable).parent / "megatron-elastic"
     return [str(exe), "train", "--config", "elastic-tiny", "--tracking-uri", uri, f"elastic.parent={parent}",
             f"run_dir={run_dir}", f"data.cache_dir={cache}", *TINY, *extra]  # fmt: skip
@@ -140,13 +140,13 @@ EXPECTED_ARTIFACTS = sorted([
 ])  # fmt: skip
 
 
-def test_tiny_elastic_run_logs_everything_and_resumes_into_the_same_run(live_server, parent_dir, cache,  # noqa: F811
+def test_tiny_elastic_run_logs_everything_and_resumes_into_the_same_run(live_server, tiny_parent_dir, cache,
                                                                         tmp_path):  # fmt: skip
     """Killed (SIGKILL) after its first checkpoint and started again: one MLflow run, each metric
     point once, params / tags / artifacts complete, the password nowhere."""
     server = live_server
     run_dir = tmp_path / "run"
-    cmd = train_cmd(parent_dir, run_dir, cache, secret_uri(server), "train.max_steps=6", "train.eval_interval=3",
+    cmd = train_cmd(tiny_parent_dir, run_dir, cache, secret_uri(server), "train.max_steps=6", "train.eval_interval=3",
                     "train.save_interval=3")  # fmt: skip
     env = {**os.environ, "SLURM_JOB_ID": "4242"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -224,13 +224,13 @@ def test_tiny_elastic_run_logs_everything_and_resumes_into_the_same_run(live_ser
     assert not (run_dir / "mlflow_spool.jsonl").exists()
 
 
-def test_server_killed_mid_run_spools_replays_and_syncs(live_server, parent_dir, cache, tmp_path):  # noqa: F811
+def test_server_killed_mid_run_spools_replays_and_syncs(live_server, tiny_parent_dir, cache, tmp_path):
     """Server killed at step 2, back at step 4 (the run replays on its own), killed again before the
     end (the run finishes, records stay in the spool); restarted -> `tracking sync` -> every metric
     point exactly once. The trainer is paused (SIGSTOP) around each kill so the steps are exact."""
     server = live_server
     run_dir = tmp_path / "run"
-    cmd = train_cmd(parent_dir, run_dir, cache, secret_uri(server), "train.max_steps=8", "train.eval_interval=4",
+    cmd = train_cmd(tiny_parent_dir, run_dir, cache, secret_uri(server), "train.max_steps=8", "train.eval_interval=4",
                     "train.save_interval=0", "tracking.mlflow_retry_s=0.2", "tracking.mlflow_timeout_s=2")  # fmt: skip
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -271,7 +271,12 @@ def test_server_killed_mid_run_spools_replays_and_syncs(live_server, parent_dir,
     assert loss_before[:4] == [1, 2, 3, 4] and len(loss_before) == len(set(loss_before)) < 8
     assert client.get_run(run_id).info.status == "RUNNING"
     exe = Path(sys.executable).parent / "megatron-elastic"
+    # the run directory keeps the URI without its password: sync asks for it instead of failing to log in
     r = subprocess.run([str(exe), "tracking", "sync", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stdout + r.stderr
+    assert "pass it in full with --tracking-uri" in r.stderr and SECRET not in r.stderr
+    sync = [str(exe), "tracking", "sync", str(run_dir), "--tracking-uri", secret_uri(server)]
+    r = subprocess.run(sync, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"of {len(kinds)} spooled records to MLflow run {run_id}" in r.stdout
     assert SECRET not in r.stdout + r.stderr
@@ -281,7 +286,7 @@ def test_server_killed_mid_run_spools_replays_and_syncs(live_server, parent_dir,
     assert client.get_run(run_id).info.status == "FINISHED"
     assert artifact_paths(client, run_id) == EXPECTED_ARTIFACTS
     # again: nothing left, nothing doubled
-    r = subprocess.run([str(exe), "tracking", "sync", str(run_dir)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(sync, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "nothing to sync" in r.stdout, r.stdout + r.stderr
     assert_each_point_once(client, run_id, run_dir)
 
