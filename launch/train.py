@@ -32,13 +32,20 @@ def main(argv=None) -> int:
     from megatron_elastic.errors import UserError
     from megatron_elastic.slurm.env import torch_env_from_slurm
 
-    args = parse_args(argv)
-    torch_env_from_slurm()
+    from megatron_elastic.training.signals import EXIT_REQUEUE, StopRequested, stop_during_setup
+
+    stop_during_setup()  # a preemption during start-up is a requeue too, not a crash
     try:
+        args = parse_args(argv)
+        torch_env_from_slurm()
         return run(args)
     except UserError as exc:
         print(f"launch/train.py: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 2
+    except StopRequested as stop:
+        print(f"[train] signal {stop.signum} during start-up, before the first step: nothing to save; exiting "
+              f"with code {EXIT_REQUEUE} (the requeued job starts again)", flush=True)  # fmt: skip
+        return EXIT_REQUEUE
 
 
 def run(args) -> int:

@@ -81,6 +81,19 @@ def run_training(cfg: RunConfig):
     """Train ``cfg`` in this process (resuming its run directory) and return the
     :class:`~megatron_elastic.training.trainer.TrainResult`; an elastic section trains every budget
     of ``elastic.parent``."""
+    from megatron_elastic.training.signals import EXIT_REQUEUE, StopRequested, stop_during_setup
+    from megatron_elastic.training.trainer import TrainResult
+
+    stop_during_setup()
+    try:
+        return _train(cfg)
+    except StopRequested as stop:
+        print(f"[train] signal {stop.signum} during start-up, before the first step: nothing to save; exiting "
+              f"with code {EXIT_REQUEUE} (run the same command again to start)", flush=True)  # fmt: skip
+        return TrainResult(EXIT_REQUEUE, 0, None, None)
+
+
+def _train(cfg: RunConfig):
     from megatron_elastic.training.data_setup import build_training_data
     from megatron_elastic.training.trainer import Trainer
 
