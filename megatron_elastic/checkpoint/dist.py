@@ -326,6 +326,7 @@ def save(ckpt_root: Path, *, step: int, model, optimizer, groups, config, traine
             _write_small_files(tmp, config, trainer_state, config_yaml, extra)
         dist.barrier()
         if place.rank == 0:
+            ckpt.write_manifest(tmp, unhashed=(".distcp",))  # the shards: sizes only (GBs per rank at scale)
             fsync_tree(tmp)
             if dst.exists():  # a rerun of the same step: keep the old one until the new one is in place
                 old = root / f".{name}.old-dist"

@@ -8,11 +8,14 @@ Layout (under ``RUN_DIR/checkpoints``)::
       trainer_state.json  step, consumed samples, data-loader position, metrics-file offset
       rng.pt              Python, NumPy, torch CPU (and CUDA) generator states
       config.yaml         the fully resolved run config
+      manifest.json       written last: every other file's size and SHA-256
     latest                the name of the newest complete checkpoint (replaced atomically)
 
 Each ``step_*`` directory is written to a temporary sibling, fsynced and renamed; ``latest`` is
 updated only after that, and older checkpoints beyond ``keep_last`` are deleted only after it.
-A run killed at any instant therefore resumes from a complete checkpoint.
+A run killed at any instant therefore resumes from a complete checkpoint; one damaged afterwards
+(truncated by a full disk, a file lost or altered) fails its manifest, and resume falls back to the
+newest older checkpoint that verifies, saying so in one line.
 
 Parallel runs (``launch/train.py``) write the model and optimizer through megatron-core
 ``dist_checkpointing`` instead (``common.pt``, ``metadata.json``, ``.metadata``, one ``*.distcp`` per
@@ -90,6 +93,52 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, *, unhashed: tuple[str, ...] = ()) -> None:
+    """``manifest.json`` in ``directory``: every file's size and SHA-256 (sizes only for names ending
+    in ``unhashed``: a sharded run's per-rank tensor files, too large to read back on one rank). Written
+    last, so a directory with a manifest was complete."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        name = path.relative_to(directory).as_posix()
+        files[name] = {"bytes": path.stat().st_size, **({} if name.endswith(unhashed) else {"sha256": _sha256(path)})}
+    write_json(directory / MANIFEST, {"format": "megatron-elastic-manifest", "files": files})
+
+
+def manifest_problem(path: Path) -> str | None:
+    """Why ``path`` does not match its manifest (None: it does, or it predates manifests)."""
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        for name, want in files.items():
+            file = path / name
+            if ".." in Path(name).parts or Path(name).is_absolute():
+                return f"the manifest names {name[:80]!r}, outside the checkpoint"
+            if not file.is_file():
+                return f"{name} is missing"
+            size = file.stat().st_size
+            if size != want["bytes"]:
+                return f"{name} has {size:,} bytes, the manifest {int(want['bytes']):,}"
+            if "sha256" in want and _sha256(file) != want["sha256"]:
+                return f"{name} differs from the manifest (SHA-256)"
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        return f"its manifest is unreadable ({type(exc).__name__})"
+    return None
+
+
 def _write_pointer(ckpt_root: Path, name: str) -> None:
     tmp = ckpt_root / f".{LATEST}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -125,6 +174,7 @@ def save_checkpoint(ckpt_root: Path, *, step: int, model, optimizer, trainer_sta
                 (tmp / name).write_bytes(value)
             else:
                 torch.save(value, tmp / name)
+        write_manifest(tmp)
     publish(ckpt_root, dst.name, keep_last)
     return dst
 
@@ -138,21 +188,40 @@ def publish(ckpt_root: Path, name: str, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".step_*.tmp-*"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in ckpt_root.glob(f".{LATEST}.tmp-*"):  # a pointer write killed before its rename
+        stale.unlink(missing_ok=True)
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint, or None when the run has none yet."""
+_WARNED: set[str] = set()
+
+
+def latest_checkpoint(ckpt_root: Path, *, warn=None) -> Path | None:
+    """The newest complete checkpoint that matches its manifest, or None when the run has none yet.
+    When the one ``latest`` names is damaged, the newest older one that verifies is taken and ``warn``
+    (default: stderr) hears one line naming the skipped one; none verifying is a CheckpointError."""
     pointer = ckpt_root / LATEST
     if not pointer.is_file():
         return None
     name = pointer.read_text().strip()
-    path = ckpt_root / name
-    if not name.startswith("step_") or not path.is_dir():
-        raise CheckpointError(
-            f"{str(pointer)!r} names {name!r}, which is not a checkpoint directory; the run directory is "
-            "damaged: fix the pointer to an existing step_* directory or start a new run_dir"
-        )
-    return path
+    steps = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), reverse=True)
+    if name.startswith("step_") and "/" not in name and (ckpt_root / name).is_dir():
+        candidates = [ckpt_root / name, *(p for p in steps if p.name < name)]
+        skipped = []
+    else:
+        candidates, skipped = steps, [f"{str(pointer)!r} names {name[:80]!r}, which is not a checkpoint directory"]
+    for path in candidates:
+        problem = manifest_problem(path)
+        if problem is None:
+            message = f"[checkpoint] skipped: {'; '.join(skipped)}; resuming from {str(path)!r} instead"
+            if skipped and message not in _WARNED:  # once per process (the run's checks and its trainer both ask)
+                import sys
+
+                _WARNED.add(message)
+                (warn or (lambda text: print(text, file=sys.stderr, flush=True)))(message)
+            return path
+        skipped.append(f"{str(path)!r} is damaged ({problem})")
+    raise CheckpointError(f"no usable checkpoint in {str(ckpt_root)!r}: {'; '.join(skipped)[:400]}; restore one, "
+                          "or start a new run_dir")  # fmt: skip
 
 
 def validate_checkpoint(path: Path, model_config) -> None:

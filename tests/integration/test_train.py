@@ -158,6 +158,24 @@ def test_bad_override_and_unknown_key(cli_exe, cache, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(cli_exe, cache, reference_run, tmp_path):
+    """The finished reference run with its newest checkpoint cut short after it was published: a rerun
+    resumes from the previous one (one warning line naming the skipped one) and ends on the same trace."""
+    import shutil
+
+    ref_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    weights = run_dir / "checkpoints" / "step_00000012" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a full disk, or a copy cut short
+    r = run(train_cmd(cli_exe, run_dir, cache, "train.max_steps=12", "train.save_interval=3", "train.eval_interval=4"))
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("[checkpoint] skipped")]
+    assert len(warnings) == 1 and "step_00000012" in warnings[0] and "step_00000009" in warnings[0], r.stderr
+    assert "resuming at step 9" in r.stdout
+    assert trace(run_dir) == trace(ref_dir)
+
+
 def test_resume_errors(cli_exe, cache, tmp_path):
     run_dir = tmp_path / "run"
     r = run(train_cmd(cli_exe, run_dir, cache, "train.max_steps=2"))
@@ -168,13 +186,16 @@ def test_resume_errors(cli_exe, cache, tmp_path):
     assert_user_error(r, "into a different model shape (ffn_hidden_size: checkpoint 384 vs config 256)")
     # a truncated checkpoint
     weights = run_dir / "checkpoints" / "step_00000002" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:1000])
     r = run(train_cmd(cli_exe, run_dir, cache, "train.max_steps=4"))
-    assert_user_error(r, "truncated or corrupt")
+    assert_user_error(r, "is damaged (model.safetensors has 1,000 bytes, the manifest ")
+    assert "no usable checkpoint in" in r.stderr
     # a missing file
+    weights.write_bytes(intact)
     (run_dir / "checkpoints" / "step_00000002" / "optimizer.pt").unlink()
     r = run(train_cmd(cli_exe, run_dir, cache, "train.max_steps=4"))
-    assert_user_error(r, "lacks optimizer.pt")
+    assert_user_error(r, "is damaged (optimizer.pt is missing)")
     after = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     assert [p for p in after if p not in before] == []
 
