@@ -28,3 +28,30 @@ def cli_exe() -> list[str]:
     exe = Path(sys.executable).parent / "megatron-elastic"
     assert exe.exists(), f"console script missing at {exe}; install with `pip install -e .`"
     return [str(exe)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A built-in tokenizer and dataset cache (``data.cache_dir``), tokenized once per test module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def native_dir(tmp_path_factory) -> Path:
+    """The tiny preset with random non-trivial weights, as a native model directory."""
+    from helpers import save_parent
+
+    from megatron_elastic.model import preset
+
+    return save_parent(tmp_path_factory.mktemp("native") / "model", preset("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_parent_dir(tmp_path_factory) -> Path:
+    """The tiny preset with random weights and a depth ranking beside it, as `importance` writes them."""
+    from helpers import save_parent
+
+    from megatron_elastic.model import preset
+
+    root = tmp_path_factory.mktemp("importance")
+    return save_parent(root / "parent", preset("tiny"), seed=0, depth_order=[3, 1, 6, 4, 2, 5, 0])

@@ -2,15 +2,9 @@
 budgets and Gumbel noise follow the global micro-batch, the router's gradients are averaged over
 ranks, and only one rank writes metrics and the many-in-one checkpoint."""
 
-import json
-
 import pytest
-import torch
 from launching import single, torchrun, train_records
-from reference import randomize_
 
-from megatron_elastic.convert import save_native
-from megatron_elastic.model import HybridLM, preset
 
 RTOL, ATOL = 1e-5, 1e-6
 ARGS = ["--config", "elastic-tiny", "data.seq_len=64", "data.builtin_max_mb=0.5", "train.micro_batch_size=4",
@@ -18,18 +12,9 @@ ARGS = ["--config", "elastic-tiny", "data.seq_len=64", "data.builtin_max_mb=0.5"
         "elastic.router_warmup_steps=150", "train.max_steps=3", "train.eval_interval=0"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def parent_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("importance")
-    torch.manual_seed(0)
-    save_native(randomize_(HybridLM(preset("tiny")), seed=0), root / "parent")
-    (root / "ranking.json").write_text(json.dumps({"depth": {"method": "given", "order": [3, 1, 6, 4, 2, 5, 0]}}))
-    return root / "parent"
-
-
-def test_elastic_dp2_matches_single_process(parent_dir, tmp_path):
+def test_elastic_dp2_matches_single_process(tiny_parent_dir, tmp_path):
     cache = tmp_path / "cache"
-    common = [*ARGS, f"elastic.parent={parent_dir}", f"data.cache_dir={cache}"]
+    common = [*ARGS, f"elastic.parent={tiny_parent_dir}", f"data.cache_dir={cache}"]
     r = single(*common, f"run_dir={tmp_path / 'one'}")
     assert r.returncode == 0, r.stdout + r.stderr
     r = torchrun(2, *common, f"run_dir={tmp_path / 'dp2'}")

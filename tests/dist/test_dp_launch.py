@@ -18,11 +18,6 @@ FAST = ["--config", "tiny", "data.builtin_max_mb=0.5", "data.seq_len=64", "train
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single") / "run"
     r = single(*FAST, f"run_dir={run_dir}", f"data.cache_dir={cache}")

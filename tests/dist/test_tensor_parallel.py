@@ -16,11 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import random_arch
 from reference import randomize_
 from spawning import spawn_ranks
 
 from megatron_elastic.distill.losses import forward_kl
-from megatron_elastic.elastic import Architecture, LayerArch, full_architecture, hard_state
+from megatron_elastic.elastic import hard_state
 from megatron_elastic.model import HybridConfig, HybridLM
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 
@@ -59,23 +60,6 @@ def batch(cfg: dict = CFG, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, cfg["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(seed))
 
 
-def random_arch(config: HybridConfig, rng: random.Random) -> Architecture:
-    """Every layer its own TP-divisible sizes, some layers dropped."""
-    layers = []
-    for layer in full_architecture(config).layers:
-        kw = dict(kind=layer.kind, keep=rng.random() > 0.25)
-        if layer.kind == "-":
-            kw["ffn_hidden_size"] = TP * rng.randint(1, config.ffn_hidden_size // TP)
-        elif layer.kind == "*":
-            kw["num_attention_heads"] = config.num_query_groups * rng.randint(1, 3)
-        else:
-            kw["mamba_num_heads"] = config.mamba_num_groups * rng.randint(1, 4)
-            kw["mamba_head_dim"] = rng.randint(1, config.mamba_head_dim)
-        layers.append(LayerArch(**kw))
-    layers[0] = LayerArch(**(vars(layers[0]) | {"keep": True}))
-    return Architecture(hidden_size=rng.randint(4, config.hidden_size), layers=tuple(layers))
-
-
 def soft_state(config: HybridConfig, seed: int) -> ElasticState:
     """Random mask values in (0, 1) on every axis, as leaf tensors that collect gradients."""
     gen = torch.Generator().manual_seed(seed)
@@ -109,7 +93,8 @@ def scenarios(config: HybridConfig):
     """name -> (state factory); every rank builds the same global state."""
     out = {"plain": lambda: None}
     for seed in SEEDS:
-        out[f"hard{seed}"] = lambda seed=seed: hard_state(config, random_arch(config, random.Random(seed)))
+        out[f"hard{seed}"] = lambda seed=seed: hard_state(
+            config, random_arch(config, random.Random(seed), ffn_multiple=TP, always_keep_first=True))
     out["soft"] = lambda: soft_state(config, 5)
     return out
 
@@ -128,6 +113,7 @@ def _gather_last(t: torch.Tensor) -> torch.Tensor:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     init_worker(rank, port)
     try:
+        from megatron_elastic.model.hybrid import set_recompute
         from megatron_elastic.parallel.losses import vocab_parallel_cross_entropy
         from megatron_elastic.parallel.tensor import (
             allreduce_sequence_parallel_grads,
@@ -148,7 +134,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         tokens = batch()
         runs = [(name, model, make) for name, make in scenarios(config).items()]
         runs += [(f"sp_{name}", sp_model, make) for name, make in scenarios(config).items()]
+        for prefix, m in (("", model), ("sp_", sp_model)):
+            runs += [(f"{prefix}{mode}_{name}", m, scenarios(config)[name]) for mode, name in RECOMPUTED]
         for name, model, make_state in runs:
+            mode = next((m for m in ("full", "selective") if f"{m}_" in name), "none")
+            set_recompute(model, mode)  # the parallel blocks and mixers recompute in backward
             model.zero_grad(set_to_none=True)
             state = make_state()
             logits = model(tokens[:, :-1], elastic=state)
@@ -167,6 +157,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 for k in entry["mask_grads"]:  # every rank holds the whole global mask's gradient
                     torch.testing.assert_close(mask_grads[0][k], mask_grads[1][k], rtol=0, atol=0)
             results[name] = entry
+            set_recompute(model, "none")
         # tied embeddings: the head multiplies by the (vocabulary-sharded) embedding weight
         tied = apply_tensor_parallel(build(TIED), group)
         logits = tied(tokens[:, :-1], elastic=scenarios(config)["hard0"]())
@@ -218,13 +209,18 @@ def _dense_run(state, cfg=CFG):
 
 
 NAMES = ["plain", *(f"hard{s}" for s in SEEDS), "soft"]
+# Activation recomputation under TP and sequence parallelism, with hard and soft (gradient-carrying) masks.
+RECOMPUTED = [("full", "soft"), ("selective", "soft"), ("full", "hard0")]
+RECOMPUTED_NAMES = [f"{p}{mode}_{n}" for p in ("", "sp_") for mode, n in RECOMPUTED]
 
 
-@pytest.mark.parametrize("name", NAMES + ["tied"] + [f"sp_{n}" for n in NAMES])
+@pytest.mark.parametrize("name", NAMES + ["tied"] + [f"sp_{n}" for n in NAMES] + RECOMPUTED_NAMES)
 def test_tp2_logits_and_grads_equal_single_device(tp_results, name):
-    """``sp_*``: the same with sequence parallelism (each rank keeps half the positions between mixers)."""
+    """``sp_*``: the same with sequence parallelism (each rank keeps half the positions between mixers);
+    ``full_*`` / ``selective_*``: with activation recomputation (against the single device without it)."""
     config = HybridConfig(**CFG)
-    state = scenarios(config)["hard0" if name == "tied" else name.removeprefix("sp_")]()
+    base = name.removeprefix("sp_").removeprefix("full_").removeprefix("selective_")
+    state = scenarios(config)["hard0" if name == "tied" else base]()
     model, logits, loss = _dense_run(state, TIED if name == "tied" else CFG)
     got = tp_results[name]
     assert logits.abs().max() > 1.0  # a non-trivial model: the comparison can fail

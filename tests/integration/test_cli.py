@@ -10,16 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_user_error, cli
 from reference import randomize_
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
-from megatron_elastic.convert import load_native, save_native
-from megatron_elastic.model import HybridLM, preset
+from megatron_elastic.convert import load_native
+from megatron_elastic.model import preset
 from megatron_elastic.version import __version__
-
-
-def run(cli_exe, *args, cwd=None):
-    return subprocess.run([*cli_exe, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -36,41 +33,22 @@ def hf_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def native_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("native") / "model"
-    torch.manual_seed(0)
-    save_native(randomize_(HybridLM(preset("tiny"))), path)
-    return path
-
-
-def assert_user_error(result, needle, *unwritten):
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("megatron-elastic: error: ") and needle in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
-    for path in unwritten:
-        assert not path.exists(), f"{path} was written"
-        assert not list(path.parent.glob(f".{path.name}.tmp-*")), "temporary directory left behind"
-
-
 def test_help_and_version(cli_exe):
-    r = run(cli_exe, "--version")
+    r = cli(cli_exe, "--version")
     assert r.returncode == 0 and r.stdout.strip() == f"megatron-elastic {__version__}"
-    r = run(cli_exe, "--help")
+    r = cli(cli_exe, "--help")
     assert r.returncode == 0
     for command in ("convert", "info", "demo"):
         assert command in r.stdout
-    r = run(cli_exe, "convert", "from-hf", "--help")
+    r = cli(cli_exe, "convert", "from-hf", "--help")
     assert r.returncode == 0 and "SRC" not in r.stderr and "--dtype" in r.stdout
 
 
 def test_round_trip_is_bit_identical(cli_exe, hf_dir, tmp_path):
-    r = run(cli_exe, "convert", "from-hf", str(hf_dir), str(tmp_path / "native"))
+    r = cli(cli_exe, "convert", "from-hf", str(hf_dir), str(tmp_path / "native"))
     assert r.returncode == 0, r.stderr
     assert "parameters" in r.stdout
-    r = run(cli_exe, "convert", "to-hf", str(tmp_path / "native"), str(tmp_path / "hf"))
+    r = cli(cli_exe, "convert", "to-hf", str(tmp_path / "native"), str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "native" / "tokenizer_config.json").is_file()
     assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
@@ -84,7 +62,7 @@ def test_round_trip_is_bit_identical(cli_exe, hf_dir, tmp_path):
 
 
 def test_convert_casts_dtype(cli_exe, native_dir, tmp_path):
-    r = run(cli_exe, "convert", "to-hf", str(native_dir), str(tmp_path / "hf"), "--dtype", "bfloat16")
+    r = cli(cli_exe, "convert", "to-hf", str(native_dir), str(tmp_path / "hf"), "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     model = NemotronHForCausalLM.from_pretrained(tmp_path / "hf")
@@ -94,11 +72,11 @@ def test_convert_casts_dtype(cli_exe, native_dir, tmp_path):
 
 
 def test_info(cli_exe, native_dir, hf_dir):
-    r = run(cli_exe, "info", "tiny")
+    r = cli(cli_exe, "info", "tiny")
     assert r.returncode == 0 and "854,472" in r.stdout
-    r = run(cli_exe, "info", str(native_dir), "--per-layer")
+    r = cli(cli_exe, "info", str(native_dir), "--per-layer")
     assert r.returncode == 0 and "layer   3 attention" in r.stdout
-    r = run(cli_exe, "info", str(hf_dir))
+    r = cli(cli_exe, "info", str(hf_dir))
     assert r.returncode == 0 and "pattern M-*-" in r.stdout
 
 
@@ -118,56 +96,56 @@ def test_malformed_pattern(cli_exe, native_dir, hf_dir, tmp_path):
     meta = json.loads((src / "megatron_elastic.json").read_text())
     meta["model"]["pattern"] = "M-X*"
     (src / "megatron_elastic.json").write_text(json.dumps(meta))
-    assert_user_error(run(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
                       "unknown symbol 'X' at position 2", tmp_path / "out")  # fmt: skip
     hf = _hf_copy(hf_dir, tmp_path, hybrid_override_pattern="M-?-")
     cfg = json.loads((hf / "config.json").read_text())
     del cfg["layers_block_type"]
     (hf / "config.json").write_text(json.dumps(cfg))
-    assert_user_error(run(cli_exe, "convert", "from-hf", str(hf), str(tmp_path / "out2")),
+    assert_user_error(cli(cli_exe, "convert", "from-hf", str(hf), str(tmp_path / "out2")),
                       "symbols ['?'] are not supported", tmp_path / "out2")  # fmt: skip
 
 
 def test_mamba_heads_not_divisible_by_groups(cli_exe, hf_dir, tmp_path):
     src = _hf_copy(hf_dir, tmp_path, mamba_num_heads=6, n_groups=4)
-    assert_user_error(run(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
                       "mamba_num_heads=6 is not divisible by model.mamba_num_groups=4", tmp_path / "out")  # fmt: skip
 
 
 def test_query_heads_not_divisible_by_kv_heads(cli_exe, hf_dir, tmp_path):
     src = _hf_copy(hf_dir, tmp_path, num_attention_heads=6, num_key_value_heads=4)
-    assert_user_error(run(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
                       "num_attention_heads=6 is not divisible by model.num_query_groups=4", tmp_path / "out")  # fmt: skip
 
 
 def test_moe_layers_rejected(cli_exe, hf_dir, tmp_path):
     src = _hf_copy(hf_dir, tmp_path, layers_block_type=["linear_attention", "moe", "full_attention", "mlp"])
-    assert_user_error(run(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
                       "layer types ['moe'] are not supported", tmp_path / "out")  # fmt: skip
 
 
 def test_unsupported_activation_and_model_type(cli_exe, hf_dir, tmp_path):
     src = _hf_copy(hf_dir, tmp_path, mlp_hidden_act="gelu")
-    assert_user_error(run(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
                       "mlp_hidden_act='gelu' is not supported", tmp_path / "out")  # fmt: skip
     other = tmp_path / "llama"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "llama"}')
-    assert_user_error(run(cli_exe, "convert", "from-hf", str(other), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "from-hf", str(other), str(tmp_path / "out")),
                       "model_type is 'llama', expected 'nemotron_h'", tmp_path / "out")  # fmt: skip
 
 
 def test_missing_checkpoint_files(cli_exe, hf_dir, native_dir, tmp_path):
     src = _hf_copy(hf_dir, tmp_path)
     (src / "model.safetensors").unlink()
-    assert_user_error(run(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
                       "no model.safetensors", tmp_path / "out")  # fmt: skip
     nat = tmp_path / "native"
     shutil.copytree(native_dir, nat)
     (nat / "model.safetensors").unlink()
-    assert_user_error(run(cli_exe, "convert", "to-hf", str(nat), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "to-hf", str(nat), str(tmp_path / "out")),
                       "model.safetensors' is missing", tmp_path / "out")  # fmt: skip
-    assert_user_error(run(cli_exe, "convert", "to-hf", str(tmp_path / "nowhere"), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "to-hf", str(tmp_path / "nowhere"), str(tmp_path / "out")),
                       "megatron_elastic.json' is missing", tmp_path / "out")  # fmt: skip
 
 
@@ -178,7 +156,7 @@ def test_truncated_checkpoint(cli_exe, native_dir, tmp_path, keep_fraction):
     weights = src / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: max(1, int(len(data) * keep_fraction))])
-    assert_user_error(run(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
                       "truncated or corrupt", tmp_path / "out")  # fmt: skip
 
 
@@ -187,7 +165,7 @@ def test_corrupt_metadata(cli_exe, native_dir, tmp_path):
     shutil.copytree(native_dir, src)
     text = (src / "megatron_elastic.json").read_text()
     (src / "megatron_elastic.json").write_text(text[: len(text) // 2])
-    assert_user_error(run(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
                       "is not valid JSON", tmp_path / "out")  # fmt: skip
 
 
@@ -197,7 +175,7 @@ def test_weights_from_another_model(cli_exe, native_dir, tmp_path):
     meta = json.loads((src / "megatron_elastic.json").read_text())
     meta["model"]["ffn_hidden_size"] += 8
     (src / "megatron_elastic.json").write_text(json.dumps(meta))
-    assert_user_error(run(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
+    assert_user_error(cli(cli_exe, "convert", "to-hf", str(src), str(tmp_path / "out")),
                       "the config and the weights come from different models", tmp_path / "out")  # fmt: skip
 
 
@@ -205,24 +183,24 @@ def test_existing_output_is_not_touched(cli_exe, native_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = run(cli_exe, "convert", "to-hf", str(native_dir), str(out))
+    r = cli(cli_exe, "convert", "to-hf", str(native_dir), str(out))
     assert r.returncode == 2 and "already exists; choose a new path or pass --overwrite" in r.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    r = run(cli_exe, "convert", "to-hf", str(native_dir), str(out), "--overwrite")
+    r = cli(cli_exe, "convert", "to-hf", str(native_dir), str(out), "--overwrite")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_bad_arguments_exit_2(cli_exe):
-    r = run(cli_exe, "convert", "sideways")
+    r = cli(cli_exe, "convert", "sideways")
     assert r.returncode == 2 and "invalid choice" in r.stderr
-    r = run(cli_exe, "info", "no-such-thing")
+    r = cli(cli_exe, "info", "no-such-thing")
     assert r.returncode == 2 and "neither a preset" in r.stderr
 
 
 def test_demo(cli_exe, tmp_path):
     """The README's main job, shortened: every stage runs and its checks pass."""
-    r = run(cli_exe, "demo", "--out", str(tmp_path / "demo"), "train.max_steps=40", "data.seq_len=64",
+    r = cli(cli_exe, "demo", "--out", str(tmp_path / "demo"), "train.max_steps=40", "data.seq_len=64",
             "data.builtin_max_mb=0.5", "train.eval_interval=0", "train.save_interval=0",
             "--elastic-set", "train.max_steps=4", "--elastic-set", "train.eval_interval=0",
             "--elastic-set", "train.save_interval=0", "--elastic-set", "elastic.router_warmup_steps=100")  # fmt: skip
@@ -255,11 +233,11 @@ def test_tools_scripts(native_dir, tmp_path):
 
 def test_profile_writes_a_latency_table(cli_exe, tmp_path):
     out = tmp_path / "latency.json"
-    r = run(cli_exe, "profile", "tiny", "--out", str(out), "--seq-len", "16", "--repeats", "1", "--device", "cpu")
+    r = cli(cli_exe, "profile", "tiny", "--out", str(out), "--seq-len", "16", "--repeats", "1", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     table = json.loads(out.read_text())
     assert table["hidden_size"] == 128
     for kind in ("M", "*", "-"):
         assert table[kind] and all(v > 0 for v in table[kind].values())
-    r = run(cli_exe, "profile", "tiny", "--out", str(out))
+    r = cli(cli_exe, "profile", "tiny", "--out", str(out))
     assert r.returncode == 2 and "already exists" in r.stderr

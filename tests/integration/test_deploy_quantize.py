@@ -4,14 +4,16 @@ within a bound of the unquantized child's; the reader's INT4 layout matches Mode
 packer; user errors are one line, before any work."""
 
 import json
-import subprocess
 
 import pytest
 import torch
 from manyinone_helpers import write_many_in_one
 from safetensors import safe_open
 
+from helpers import run
+
 import megatron_elastic
+
 from megatron_elastic.data.indexed import write_indexed
 from megatron_elastic.deploy.load import dequantize_weight, load_quantized, unpack_int4
 from megatron_elastic.deploy.quantize import check_child, mean_loss
@@ -42,10 +44,6 @@ def setup(tmp_path_factory):
             break
     write_indexed(root / "calib", docs, vocab_size=512)
     return root, ckpt, archs
-
-
-def run(cmd):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def heldout_windows(prefix):

@@ -12,39 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import randomize_
+from helpers import assert_user_error, run
 
 import megatron_elastic
-from megatron_elastic.convert import save_native
 from megatron_elastic.elastic import Architecture, hard_state
-from megatron_elastic.model import HybridLM, preset
 
 FAST = ["data.seq_len=64", "data.builtin_max_mb=0.5", "train.micro_batch_size=4", "train.global_batch_size=8",
         "train.warmup_steps=2", "train.log_interval=1", "train.eval_batches=2", "elastic.router_warmup_steps=150"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def parent_dir(tmp_path_factory):
-    """A tiny parent with non-trivial weights and a depth ranking beside it (as `importance` writes)."""
-    root = tmp_path_factory.mktemp("importance")
-    torch.manual_seed(0)
-    save_native(randomize_(HybridLM(preset("tiny")), seed=0), root / "parent")
-    (root / "ranking.json").write_text(json.dumps({"depth": {"method": "given", "order": [3, 1, 6, 4, 2, 5, 0]}}))
-    return root / "parent"
-
-
-def train_cmd(cli_exe, parent_dir, run_dir, cache, *extra):
-    return [*cli_exe, "train", "--config", "elastic-tiny", f"elastic.parent={parent_dir}", f"run_dir={run_dir}",
+def train_cmd(cli_exe, tiny_parent_dir, run_dir, cache, *extra):
+    return [*cli_exe, "train", "--config", "elastic-tiny", f"elastic.parent={tiny_parent_dir}", f"run_dir={run_dir}",
             f"data.cache_dir={cache}", *FAST, *extra]  # fmt: skip
-
-
-def run(cmd):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def records(run_dir):
@@ -52,9 +31,9 @@ def records(run_dir):
 
 
 @pytest.fixture(scope="module")
-def elastic_run(cli_exe, parent_dir, cache, tmp_path_factory):
+def elastic_run(cli_exe, tiny_parent_dir, cache, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("elastic") / "run"
-    r = run(train_cmd(cli_exe, parent_dir, run_dir, cache, "train.max_steps=8", "train.eval_interval=4",
+    r = run(train_cmd(cli_exe, tiny_parent_dir, run_dir, cache, "train.max_steps=8", "train.eval_interval=4",
                       "train.save_interval=4", "distill.stage2_start_step=4"))  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     return run_dir, r
@@ -103,14 +82,14 @@ def test_extract_all_equals_masked_parent(cli_exe, elastic_run, tmp_path):
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.55 * sizes[0]
 
 
-def test_teacher_runs_once_per_micro_batch(parent_dir, cache, tmp_path):
+def test_teacher_runs_once_per_micro_batch(tiny_parent_dir, cache, tmp_path):
     from megatron_elastic.config import load_config
     from megatron_elastic.tracking import MultiTracker
     from megatron_elastic.training.data_setup import build_training_data
     from megatron_elastic.training.elastic_trainer import ElasticTrainer
     from megatron_elastic.training.run import resolve_elastic_run
 
-    cfg = load_config("elastic-tiny", [f"elastic.parent={parent_dir}", f"run_dir={tmp_path / 'run'}",
+    cfg = load_config("elastic-tiny", [f"elastic.parent={tiny_parent_dir}", f"run_dir={tmp_path / 'run'}",
                                        f"data.cache_dir={cache}", *FAST, "train.max_steps=2", "train.eval_interval=0",
                                        "train.save_interval=0", "distill.budgets_per_micro_batch=0"])  # fmt: skip
     run = resolve_elastic_run(cfg)
@@ -130,10 +109,10 @@ def test_teacher_runs_once_per_micro_batch(parent_dir, cache, tmp_path):
     assert all(not p.requires_grad for p in trainer.teacher.parameters())
 
 
-def test_elastic_sigkill_resumes_exactly(cli_exe, parent_dir, cache, elastic_run, tmp_path):
+def test_elastic_sigkill_resumes_exactly(cli_exe, tiny_parent_dir, cache, elastic_run, tmp_path):
     ref_dir, _ = elastic_run
     run_dir = tmp_path / "run"
-    cmd = train_cmd(cli_exe, parent_dir, run_dir, cache, "train.max_steps=8", "train.eval_interval=4",
+    cmd = train_cmd(cli_exe, tiny_parent_dir, run_dir, cache, "train.max_steps=8", "train.eval_interval=4",
                     "train.save_interval=4", "distill.stage2_start_step=4")  # fmt: skip
     kill_at = random.Random(os.getpid()).randint(5, 6)  # after the step-4 checkpoint, well before step 8
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -153,30 +132,26 @@ def test_elastic_sigkill_resumes_exactly(cli_exe, parent_dir, cache, elastic_run
     assert records(run_dir) == records(ref_dir), f"killed at step {kill_at}"
 
 
-def assert_user_error(r, needle):
-    assert r.returncode == 2, r.stdout + r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], r.stderr
-
-
-def test_user_errors(cli_exe, parent_dir, cache, elastic_run, tmp_path):
+def test_user_errors(cli_exe, tiny_parent_dir, cache, elastic_run, tmp_path):
     run_dir = tmp_path / "run"
-    assert_user_error(run(train_cmd(cli_exe, parent_dir, run_dir, cache, "elastic.budgets=[1.0,0.5,0.1]")),
+    assert_user_error(run(train_cmd(cli_exe, tiny_parent_dir, run_dir, cache, "elastic.budgets=[1.0,0.5,0.1]")),
                       "elastic.budgets: 0.1 is out of reach")  # fmt: skip
-    assert_user_error(run(train_cmd(cli_exe, parent_dir, run_dir, cache, "elastic.budgets=[1.0,1.2,0.5]")),
+    assert_user_error(run(train_cmd(cli_exe, tiny_parent_dir, run_dir, cache, "elastic.budgets=[1.0,1.2,0.5]")),
                       "every entry must be a fraction in (0, 1]")  # fmt: skip
-    assert_user_error(run(train_cmd(cli_exe, parent_dir, run_dir, cache, "elastic.budgets=[0.75,0.5,0.4]")),
+    assert_user_error(run(train_cmd(cli_exe, tiny_parent_dir, run_dir, cache, "elastic.budgets=[0.75,0.5,0.4]")),
                       "must start with 1.0")  # fmt: skip
     assert_user_error(run(train_cmd(cli_exe, tmp_path / "nothing", run_dir, cache)), "not a native or Hugging Face model")
     assert not run_dir.exists()
     # resuming an elastic run with another space
     ref_dir, _ = elastic_run
-    assert_user_error(run(train_cmd(cli_exe, parent_dir, ref_dir, cache, "train.max_steps=12", "elastic.ffn=[1.0,0.5]")),
+    assert_user_error(run(train_cmd(cli_exe, tiny_parent_dir, ref_dir, cache, "train.max_steps=12",
+                                    "elastic.ffn=[1.0,0.5]")),
                       "trained with another elastic space")  # fmt: skip
     # extraction errors
     ckpt = ref_dir / "many-in-one"
     assert_user_error(run([*cli_exe, "extract", "--checkpoint", str(ckpt), "--budget", "0.3", "--out", str(tmp_path / "x")]),
                       "budget 0.3 is not in this checkpoint")  # fmt: skip
-    assert_user_error(run([*cli_exe, "extract", "--checkpoint", str(parent_dir), "--all", "--out", str(tmp_path / "x")]),
+    assert_user_error(run([*cli_exe, "extract", "--checkpoint", str(tiny_parent_dir), "--all",
+                           "--out", str(tmp_path / "x")]),
                       "elastic.json")  # fmt: skip
     assert not (tmp_path / "x").exists()

@@ -24,11 +24,6 @@ DATA = ["data.builtin_max_mb=0.3", "data.seq_len=32"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def many(tmp_path_factory):
     dst = tmp_path_factory.mktemp("ckpt") / "many-in-one"
     return write_many_in_one(dst)

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+from helpers import assert_user_error, cli
 from reference import randomize_
 
 from megatron_elastic.convert import load_native, save_native
@@ -16,42 +17,15 @@ from megatron_elastic.model import HybridConfig, HybridLM, preset
 LOGIT_TOL = 1e-4
 
 
-def run(cli_exe, *args, cwd=None):
-    return subprocess.run([*cli_exe, *args], check=False, capture_output=True, text=True, timeout=600, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.fixture(scope="module")
 def small_data(cache):
     return ["--batches", "2", "--batch-size", "2", "--seq-len", "32", "data.builtin_max_mb=0.3",
             f"data.cache_dir={cache}"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def native_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("native") / "model"
-    torch.manual_seed(0)
-    save_native(randomize_(HybridLM(preset("tiny"))), path)
-    return path
-
-
-def assert_user_error(result, needle, *unwritten):
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("megatron-elastic: error: ") and needle in lines[0], lines[0]
-    for path in unwritten:
-        assert not path.exists(), f"{path} was written"
-        assert not list(path.parent.glob(f".{path.name}.tmp-*")), "temporary directory left behind"
-
-
 def test_importance_writes_a_permuted_parent_with_the_same_function(cli_exe, native_dir, small_data, tmp_path):
     out = tmp_path / "imp"
-    r = run(cli_exe, "importance", "--checkpoint", str(native_dir), "--out", str(out), *small_data)
+    r = cli(cli_exe, "importance", "--checkpoint", str(native_dir), "--out", str(out), *small_data)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "[importance] depth step 7/7" in r.stdout and "max |logit diff|" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["importance.md", "parent", "ranking.json"]
@@ -89,7 +63,7 @@ def test_importance_from_hugging_face_with_random_depth(cli_exe, small_data, tmp
     torch.manual_seed(0)
     randomize_(NemotronHForCausalLM(cfg)).save_pretrained(hf)
     out = tmp_path / "imp"
-    r = run(cli_exe, "importance", "--checkpoint", str(hf), "--out", str(out), "--depth-method", "random",
+    r = cli(cli_exe, "importance", "--checkpoint", str(hf), "--out", str(out), "--depth-method", "random",
             "--seed", "3", *small_data)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     ranking = Ranking.from_dict(json.loads((out / "ranking.json").read_text()))
@@ -104,22 +78,22 @@ def test_importance_from_hugging_face_with_random_depth(cli_exe, small_data, tmp
 def test_user_errors_write_nothing(cli_exe, native_dir, small_data, tmp_path):
     out = tmp_path / "out"
     ok = ["--checkpoint", str(native_dir), "--out", str(out)]
-    assert_user_error(run(cli_exe, "importance", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(out)),
+    assert_user_error(cli(cli_exe, "importance", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(out)),
                       "does not exist", out)  # fmt: skip
-    assert_user_error(run(cli_exe, "importance", "--out", str(out)), "--checkpoint is required", out)
-    assert_user_error(run(cli_exe, "importance", *ok, "--batches", "0"), "--batches='0' is invalid", out)
-    assert_user_error(run(cli_exe, "importance", *ok, "--seq-len", "x"), "--seq-len='x' is invalid", out)
-    assert_user_error(run(cli_exe, "importance", *ok, "--depth-method", "perplexity"),
+    assert_user_error(cli(cli_exe, "importance", "--out", str(out)), "--checkpoint is required", out)
+    assert_user_error(cli(cli_exe, "importance", *ok, "--batches", "0"), "--batches='0' is invalid", out)
+    assert_user_error(cli(cli_exe, "importance", *ok, "--seq-len", "x"), "--seq-len='x' is invalid", out)
+    assert_user_error(cli(cli_exe, "importance", *ok, "--depth-method", "perplexity"),
                       "--depth-method='perplexity' is unknown; use one of iterative-mse", out)  # fmt: skip
-    assert_user_error(run(cli_exe, "importance", *ok, "model.hidden_size=64"), "the model comes from --checkpoint", out)
-    assert_user_error(run(cli_exe, "importance", *ok, "data.sequence=3"), "unknown config key 'data.sequence'", out)
-    assert_user_error(run(cli_exe, "importance", *ok, "--config", str(tmp_path / "none.yaml")), "does not exist", out)
+    assert_user_error(cli(cli_exe, "importance", *ok, "model.hidden_size=64"), "the model comes from --checkpoint", out)
+    assert_user_error(cli(cli_exe, "importance", *ok, "data.sequence=3"), "unknown config key 'data.sequence'", out)
+    assert_user_error(cli(cli_exe, "importance", *ok, "--config", str(tmp_path / "none.yaml")), "does not exist", out)
     small_vocab = tmp_path / "small-vocab"
     save_native(HybridLM(HybridConfig(**(preset("tiny").to_dict() | {"vocab_size": 256}))), small_vocab)
-    assert_user_error(run(cli_exe, "importance", "--checkpoint", str(small_vocab), "--out", str(out), *small_data),
+    assert_user_error(cli(cli_exe, "importance", "--checkpoint", str(small_vocab), "--out", str(out), *small_data),
                       "exceeds model.vocab_size=256", out)  # fmt: skip
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = run(cli_exe, "importance", *ok, *small_data)
+    r = cli(cli_exe, "importance", *ok, *small_data)
     assert r.returncode == 2 and "already exists; choose a new path or pass --overwrite" in r.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

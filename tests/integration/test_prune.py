@@ -1,10 +1,10 @@
 """Extraction as a user runs it: `megatron-elastic prune`, Hugging Face export of children."""
 
 import json
-import subprocess
 
 import pytest
 import torch
+from helpers import cli, save_parent
 from reference import randomize_
 from transformers import NemotronHForCausalLM
 
@@ -23,16 +23,8 @@ TOL = 2e-4
 
 @pytest.fixture(scope="module")
 def parent_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomize_(HybridLM(HybridConfig(**PARENT)), seed=5)
     path = tmp_path_factory.mktemp("parent") / "model"
-    save_native(model, path)
-    (path / "ranking.json").write_text(json.dumps({"depth": {"method": "given", "order": [4, 1, 6, 0, 2, 3, 5, 7]}}))
-    return path
-
-
-def run(cli_exe, *args):
-    return subprocess.run([*cli_exe, *args], capture_output=True, text=True, timeout=300)
+    return save_parent(path, HybridConfig(**PARENT), seed=5, depth_order=[4, 1, 6, 0, 2, 3, 5, 7], ranking_dir=path)
 
 
 def masked_logits(parent, arch, tokens):
@@ -41,7 +33,7 @@ def masked_logits(parent, arch, tokens):
 
 
 def test_prune_to_hf_loads_in_transformers(cli_exe, parent_dir, tmp_path):
-    r = run(cli_exe, "prune", "--checkpoint", str(parent_dir), "--out", str(tmp_path / "child"), "--hidden", "0.5",
+    r = cli(cli_exe, "prune", "--checkpoint", str(parent_dir), "--out", str(tmp_path / "child"), "--hidden", "0.5",
             "--ffn", "0.5", "--attn-heads", "4", "--mamba-heads", "0.5", "--mamba-head-dim", "4", "--layers", "6",
             "--format", "hf")  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -57,7 +49,7 @@ def test_prune_to_hf_loads_in_transformers(cli_exe, parent_dir, tmp_path):
 
 
 def test_prune_native_equals_masked_parent(cli_exe, parent_dir, tmp_path):
-    r = run(cli_exe, "prune", "--checkpoint", str(parent_dir), "--out", str(tmp_path / "child"), "--ffn", "16",
+    r = cli(cli_exe, "prune", "--checkpoint", str(parent_dir), "--out", str(tmp_path / "child"), "--ffn", "16",
             "--drop-layers", "0", "7")  # fmt: skip
     assert r.returncode == 0, r.stderr
     child = megatron_elastic.load_pretrained(tmp_path / "child")
@@ -104,7 +96,7 @@ def test_heterogeneous_child_exports_natively_not_to_hf(tmp_path):
     ],
 )
 def test_prune_user_errors(cli_exe, parent_dir, tmp_path, args, needle):
-    r = run(cli_exe, "prune", "--checkpoint", str(parent_dir), "--out", str(tmp_path / "child"), *args)
+    r = cli(cli_exe, "prune", "--checkpoint", str(parent_dir), "--out", str(tmp_path / "child"), *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
     assert not (tmp_path / "child").exists()

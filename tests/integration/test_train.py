@@ -11,24 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_user_error, run
+
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 # Small and fast: ~0.1 s per step on 2 cores.
 FAST = ["data.seq_len=64", "data.builtin_max_mb=0.5", "train.micro_batch_size=4", "train.global_batch_size=8",
         "train.warmup_steps=3", "train.log_interval=1", "train.eval_batches=2"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """Shared built-in tokenizer and dataset cache: tokenized once for the whole module."""
-    return tmp_path_factory.mktemp("cache")
-
-
 def train_cmd(cli_exe, run_dir, cache, *extra):
     return [*cli_exe, "train", "--config", str(CONFIG), f"run_dir={run_dir}", f"data.cache_dir={cache}", *FAST, *extra]
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
 
 
 def trace(run_dir):
@@ -127,11 +119,6 @@ def test_gradient_accumulation_matches_larger_micro_batch(cli_exe, cache, tmp_pa
 
 
 # ---------------------------------------------------------------------- user errors
-def assert_user_error(r, needle):
-    assert r.returncode == 2, r.stdout + r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], r.stderr
-
 
 def test_missing_data_files(cli_exe, cache, tmp_path):
     r = run(train_cmd(cli_exe, tmp_path / "run", cache, f"data.train_prefix={tmp_path}/nothing",

@@ -30,11 +30,6 @@ LAUNCH = ["launch", "slurm", "--config", "tiny", "--profile", "ci", "--time", "1
 TIMES: dict[str, float] = {}  # job round trips, printed at the end of the module
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def report_round_trips():
     yield

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from helpers import random_arch
 from reference import randomize_
 
 from megatron_elastic.elastic import (
@@ -71,25 +72,6 @@ def test_homogeneous_masked_equals_sliced(parent, tokens, axis, kw):
     if axis == "depth":
         assert c.pattern == "MM-*"
     assert child.num_parameters() < parent.num_parameters()
-
-
-def random_arch(config, rng: random.Random) -> Architecture:
-    """Every layer its own sizes (hidden global), some layers dropped."""
-    full = full_architecture(config)
-    layers = []
-    for layer in full.layers:
-        kw = dict(kind=layer.kind, keep=rng.random() > 0.25)
-        if layer.kind == "-":
-            kw["ffn_hidden_size"] = rng.randint(1, config.ffn_hidden_size)
-        elif layer.kind == "*":
-            kw["num_attention_heads"] = config.num_query_groups * rng.randint(1, 3)
-        else:
-            kw["mamba_num_heads"] = config.mamba_num_groups * rng.randint(1, 4)
-            kw["mamba_head_dim"] = rng.randint(1, config.mamba_head_dim)
-        layers.append(LayerArch(**kw))
-    if not any(layer.keep for layer in layers):
-        layers[0] = LayerArch(**(vars(layers[0]) | {"keep": True}))
-    return Architecture(hidden_size=rng.randint(4, config.hidden_size), layers=tuple(layers))
 
 
 @pytest.mark.parametrize("seed", range(6))
