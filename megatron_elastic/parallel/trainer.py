@@ -1,22 +1,25 @@
 """Trainers over a tensor x pipeline x data parallel layout, built on the single-process ones.
 
 :class:`ParallelTrainer` and :class:`ParallelElasticTrainer` keep the loop of
-:class:`~megatron_elastic.training.trainer.Trainer` (resume, validation, checkpoints, signals) and
-replace what a layout changes:
+:class:`~megatron_elastic.training.trainer.Trainer` (LR, resume, validation, checkpoints, signals)
+and the nested step of :class:`~megatron_elastic.distill.nested.NestedStep` (sampling, routing, the
+objective, the metric keys), and replace only what a layout changes:
 
 * the model: the single-device model is built on every rank from the same seed, then tensor
   parallelism is applied (``parallel.tensor.apply_tensor_parallel``) and the rank keeps its
   pipeline stage (``parallel.pipeline``);
-* the step: at ``pp == 1`` a plain loop over micro-batches; at ``pp > 1`` megatron-core's 1F1B
+* the step's execution: at ``pp == 1`` the single-process loop; at ``pp > 1`` megatron-core's 1F1B
   schedule, one schedule micro-batch per (micro-batch, budget) pair. The frozen teacher runs once per
   micro-batch (forward-only schedule, same stage split) before the students;
+* the losses: vocab-parallel cross-entropy and KL (:mod:`parallel.losses`) under ``tp > 1``;
 * gradients: averaged over data-parallel ranks (:mod:`parallel.data`); router gradients (replicated
   on every rank) summed over pipeline stages (each stage back-propagates into the masks its own
-  layers use) and averaged over data-parallel ranks; the clipping norm is taken over all stages;
+  layers use) and averaged over data-parallel ranks; the clipping norm is taken over all stages
+  and TP shards;
 * budgets and Gumbel noise are keyed by the *global* micro-batch index ``micro * dp + dp_rank``, so
   a data-parallel run draws exactly what a single process draws for the same samples;
-* output: metrics, trackers and the many-in-one checkpoint only on the first rank of the last
-  stage; every rank agrees to stop after a signal reaches any of them.
+* output: metrics, trackers and the many-in-one checkpoint (of the gathered single-device parent)
+  only on the first rank of the last stage; every rank agrees to stop after a signal reaches any of them.
 """
 
 from __future__ import annotations
