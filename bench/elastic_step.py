@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_elastic.distill.losses import forward_kl  # noqa: E402
+from megatron_elastic.distill.losses import cross_entropy, forward_kl  # noqa: E402
 from megatron_elastic.elastic.costs import Cost, router_loss  # noqa: E402
 from megatron_elastic.elastic.router import Router  # noqa: E402
 from megatron_elastic.elastic.search_space import ElasticSpace  # noqa: E402
 from megatron_elastic.model import HybridLM, preset  # noqa: E402
-from megatron_elastic.training.trainer import build_optimizer, lm_loss  # noqa: E402
+from megatron_elastic.training.trainer import build_optimizer  # noqa: E402
 from megatron_elastic.config.schema import TrainConfig  # noqa: E402
 
 BUDGETS = [1.0, 0.75, 0.5]
@@ -70,13 +70,13 @@ def main(argv=None) -> int:
         opt.zero_grad(set_to_none=True)
 
     def plain():
-        lm_loss(model(x), y).backward()
+        cross_entropy(model(x), y).backward()
         finish()
 
     def elastic_full():
         # Budget 1.0 through the router's machinery: sample, build the masks of its (full) choice.
         s = router.sample(0, tau=0.5, scale=5.0, mode="hard", generator=gen)
-        loss = lm_loss(model(x, elastic=s.state), y) + router_loss(cost(s.probs), 1.0, cost.full)
+        loss = cross_entropy(model(x, elastic=s.state), y) + router_loss(cost(s.probs), 1.0, cost.full)
         loss.backward()
         finish()
 

@@ -21,6 +21,7 @@ import torch
 
 from megatron_elastic.api import load_pretrained
 from megatron_elastic.config import load_config
+from megatron_elastic.distill.losses import cross_entropy
 
 PARITY_TOLERANCE = 2e-4
 
@@ -51,7 +52,7 @@ def _val_loss(model, batches, state=None) -> float:
     total, count = 0.0, 0
     for tokens, labels in batches:
         logits = model(tokens, elastic=state)
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+        total += cross_entropy(logits, labels, reduction="sum").item()
         count += labels.numel()
     return total / count
 

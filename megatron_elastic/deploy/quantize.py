@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_elastic.distill.losses import cross_entropy
 from megatron_elastic.errors import ConfigError, UserError
 
 FORMATS = ("fp8", "int8", "int4_awq", "nvfp4")
@@ -178,7 +179,7 @@ def mean_loss(forward, windows: torch.Tensor, batch: int = 4) -> float:
     for i in range(0, len(windows), batch):
         w = windows[i:i + batch]
         logits = forward(w[:, :-1]).float()
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+        total += float(cross_entropy(logits, w[:, 1:], reduction="sum"))
         count += w[:, 1:].numel()
     return total / count
 

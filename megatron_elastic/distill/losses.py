@@ -1,6 +1,7 @@
-"""Distillation losses on logits (single device; a vocab-parallel variant belongs to parallel/).
+"""Losses on logits (single device; the vocab-parallel variants belong to parallel/): the forward KL of
+distillation and the one next-token cross-entropy every trainer and evaluation uses.
 
-All losses are means over tokens, computed in fp32.
+Computed in fp32; means over tokens unless a reduction says otherwise.
 """
 
 from __future__ import annotations
@@ -30,5 +31,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     return kl.mean() * (t * t)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of ``logits`` (..., vocab) against ``labels`` (...), in fp32;
+    ``reduction``: ``"mean"`` (nats/token) or ``"sum"`` (over tokens)."""
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction=reduction)

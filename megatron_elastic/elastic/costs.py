@@ -17,10 +17,12 @@ exact integers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -275,6 +277,14 @@ class Cost:
         }
         self._fn = fns[kind]
         self.full = float(self._fn(one_hot(space, space.full_indices(), torch.float64)))
+
+    @classmethod
+    def from_config(cls, elastic, space: ElasticSpace) -> Cost:
+        """The cost a run's ``elastic`` section names (``cost``, its memory settings, ``latency_table``)."""
+        e = elastic
+        table = json.loads(Path(e.latency_table).read_text()) if e.latency_table else None
+        return cls(space, e.cost, bytes_per_param=e.memory_bytes_per_param, batch=e.memory_batch,
+                   context=e.memory_context, table=table)  # fmt: skip
 
     def __call__(self, probs: Probs) -> torch.Tensor:
         return self._fn(probs)

@@ -109,6 +109,16 @@ class ElasticSpace:
         self.fractions = fractions
 
     @classmethod
+    def from_config(cls, model: HybridConfig, elastic, depth_order: Sequence[int] | None = None) -> ElasticSpace:
+        """The space a run's ``elastic`` section (:class:`~megatron_elastic.config.ElasticConfig`) describes
+        for the parent ``model``; ``depth_order`` is the importance ranking's removal order (None = none)."""
+        e = elastic
+        return cls(model, hidden=e.hidden, ffn=e.ffn, attn_heads=e.attn_heads, mamba_heads=e.mamba_heads,
+                   mamba_head_dim=e.mamba_head_dim, depth=e.depth, depth_order=depth_order,
+                   heterogeneous=e.heterogeneous, multiple_of=e.multiple_of,
+                   protect_attention=e.protect_attention)  # fmt: skip
+
+    @classmethod
     def from_sizes(cls, config: HybridConfig, sizes: Mapping[str, Sequence[int]], *,
                    depth_order: Sequence[int] | None = None, heterogeneous: bool = False, multiple_of: int = 1,
                    protect_attention: bool = False) -> ElasticSpace:  # fmt: skip

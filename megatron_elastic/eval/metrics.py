@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from megatron_elastic.distill.losses import cross_entropy
 from megatron_elastic.model.config import ATTENTION, MAMBA, HybridConfig
 
 
@@ -67,7 +67,7 @@ def loss_and_bpb(model, batches, byte_lengths: np.ndarray, *, device=None) -> di
     lengths = torch.from_numpy(byte_lengths)
     for tokens, labels in batches:
         logits = model(tokens.to(device))
-        total += F.cross_entropy(logits.flatten(0, 1).float(), labels.to(device).flatten(), reduction="sum").item()
+        total += cross_entropy(logits, labels.to(device), reduction="sum").item()
         count += labels.numel()
         nbytes += int(lengths[labels.clamp(0, len(lengths) - 1)].sum())
     loss = total / max(1, count)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -63,31 +64,25 @@ from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mi
 # ----------------------------------------------------------------------------- divisibility
 
 
-def _choices_of(elastic_choices, config: HybridConfig) -> dict[str, tuple[int, ...]]:
-    """Axis -> concrete sizes, from an ``ElasticSpace`` (its ``axes``), the run config's elastic
-    section (fractions, resolved against ``config`` as the elastic trainer resolves them) or a
+def _elastic_sizes(elastic_choices, config: HybridConfig) -> dict[str, tuple[int, ...]]:
+    """Axis -> concrete sizes, from an ``ElasticSpace``, the run config's elastic section (resolved
+    against ``config`` by ``ElasticSpace.from_config``, as the elastic trainer resolves it) or a
     mapping axis -> sizes."""
+    from megatron_elastic.config.schema import ElasticConfig
+    from megatron_elastic.elastic.search_space import ElasticSpace
+
     if elastic_choices is None:
         return {}
-    axes = getattr(elastic_choices, "axes", None)
-    if axes is None and hasattr(elastic_choices, "budgets") and hasattr(elastic_choices, "multiple_of"):
-        import warnings
-
-        from megatron_elastic.elastic.search_space import ElasticSpace
-
-        e = elastic_choices
-        with warnings.catch_warnings():  # merged duplicate sizes are reported where the space is built
+    if isinstance(elastic_choices, Mapping):
+        return {name: tuple(sizes) for name, sizes in elastic_choices.items()}
+    if isinstance(elastic_choices, ElasticConfig):
+        with warnings.catch_warnings():  # merged duplicate sizes are reported where the run builds its space
             warnings.simplefilter("ignore")
-            space = ElasticSpace(config, hidden=e.hidden, ffn=e.ffn, attn_heads=e.attn_heads, mamba_heads=e.mamba_heads,
-                                 mamba_head_dim=e.mamba_head_dim, depth=e.depth, multiple_of=e.multiple_of,
-                                 protect_attention=e.protect_attention)  # fmt: skip
-        axes = space.axes
-    if axes is not None:
-        return {name: tuple(axis.choices) for name, axis in axes.items()}
-    if not isinstance(elastic_choices, Mapping):
+            elastic_choices = ElasticSpace.from_config(config, elastic_choices)
+    if not isinstance(elastic_choices, ElasticSpace):
         raise TypeError(f"elastic_choices must be an ElasticSpace, an ElasticConfig or a mapping axis -> sizes, "
                         f"not {type(elastic_choices).__name__}")  # fmt: skip
-    return {name: tuple(sizes) for name, sizes in elastic_choices.items()}
+    return {name: elastic_choices.choices(name) for name in elastic_choices.axes}
 
 
 def check_tp_divisibility(config: HybridConfig, tp_size: int, elastic_choices=None) -> None:
@@ -120,7 +115,7 @@ def check_tp_divisibility(config: HybridConfig, tp_size: int, elastic_choices=No
         if kind == MLP and c.layer_dims(i).ffn_hidden_size % tp:
             raise ConfigError(f"layer {i}: FFN size {c.layer_dims(i).ffn_hidden_size} is not divisible by parallel.tp={tp}; "
                               f"use FFN sizes that are multiples of {tp}")  # fmt: skip
-    choices = _choices_of(elastic_choices, config)
+    choices = _elastic_sizes(elastic_choices, config)
     units = {"ffn": tp, "attn_heads": tp, "mamba_heads": tp}
     for axis, unit in units.items():
         bad = [k for k in choices.get(axis, ()) if k % unit]
@@ -150,7 +145,7 @@ def check_fp8_divisibility(config: HybridConfig, tp_size: int = 1, elastic_choic
         if value % FP8_MULTIPLE:
             raise ConfigError(f"{what} = {value} is not a multiple of {FP8_MULTIPLE} as FP8 GEMMs need; "
                               f"resize the model or set parallel.fp8.enabled=false")  # fmt: skip
-    choices = _choices_of(elastic_choices, config)
+    choices = _elastic_sizes(elastic_choices, config)
     widths = {
         "hidden": lambda k: k,
         "ffn": lambda k: k,

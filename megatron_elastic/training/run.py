@@ -49,7 +49,10 @@ def resolve_elastic_run(cfg: RunConfig) -> ElasticRun:
     from megatron_elastic.api import read_model_config
     from megatron_elastic.elastic.importance import find_ranking, read_depth_order
     from megatron_elastic.checkpoint import native as checkpoint
-    from megatron_elastic.training.elastic_trainer import build_space, check_budgets_reachable, check_same_space
+    from megatron_elastic.elastic.costs import Cost
+    from megatron_elastic.elastic.search_space import ElasticSpace
+    from megatron_elastic.elastic.selection import check_budgets_reachable
+    from megatron_elastic.training.elastic_trainer import check_same_space
 
     parent = Path(cfg.elastic.parent)
     model_cfg = read_model_config(parent, what="elastic.parent")
@@ -58,8 +61,10 @@ def resolve_elastic_run(cfg: RunConfig) -> ElasticRun:
     elastic = dataclasses.replace(cfg.elastic, ranking=str(ranking) if ranking else "")
     cfg = dataclasses.replace(cfg, model=model_cfg, elastic=elastic)
     cfg.validate()
-    space = build_space(cfg, depth_order)  # an infeasible space fails here, with one line
-    check_budgets_reachable(cfg, space)
+    # an infeasible space fails here, with one line
+    space = ElasticSpace.from_config(cfg.model, cfg.elastic, depth_order)
+    check_budgets_reachable(space, Cost.from_config(cfg.elastic, space), cfg.elastic.budgets,
+                            tolerance=cfg.elastic.router_tolerance)  # fmt: skip
     latest = checkpoint.latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
     if latest is not None:
         check_same_space(latest, space, cfg.elastic.budgets)

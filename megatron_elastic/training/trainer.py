@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from megatron_elastic.checkpoint import dist as dist_ckpt
 from megatron_elastic.checkpoint import native as ckpt
 from megatron_elastic.config import RunConfig, dump_config
+from megatron_elastic.distill.losses import cross_entropy
 from megatron_elastic.model import HybridLM
 from megatron_elastic.model.hybrid import set_recompute
 from megatron_elastic.model.params import NO_DECAY
@@ -58,10 +58,6 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     # foreach=False: the per-parameter loop gives bit-identical results across runs and resumes.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                              foreach=False)  # fmt: skip
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 class Trainer:
@@ -111,12 +107,16 @@ class Trainer:
         """Small JSON-safe additions to trainer_state.json."""
         return {}
 
+    def load_checkpoint(self, path: Path) -> tuple[dict, dict]:
+        """Load ``path`` into the model and optimizer; returns (trainer state, RNG state)."""
+        return dist_ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+
     # ------------------------------------------------------------------ resume
     def maybe_resume(self) -> bool:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         if latest is None:
             return False
-        state, rng = dist_ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer)
+        state, rng = self.load_checkpoint(latest)
         self.load_extra_checkpoint_state(latest)
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
@@ -171,18 +171,30 @@ class Trainer:
                                     trainer_state=state, config_yaml=dump_config(self.cfg),
                                     keep_last=self.cfg.train.keep_last, extra=self.extra_checkpoint_state())  # fmt: skip
 
+    def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy of this trainer's logits (the parallel trainer's are vocab-sharded under TP)."""
+        return cross_entropy(logits, labels, reduction=reduction)
+
+    def eval_loss_sum(self, tokens: torch.Tensor, labels: torch.Tensor, elastic) -> float:
+        """Summed validation cross-entropy of one batch under ``elastic`` masks (None = the whole model)."""
+        with self._autocast():
+            logits = self.model(tokens, elastic=elastic)
+        return float(self.lm_loss(logits, labels, reduction="sum"))
+
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate_loss(self, elastic=None) -> float:
+        """Mean validation cross-entropy (nats/token) of the model under ``elastic`` masks."""
         self.model.eval()
         total, count = 0.0, 0
         for tokens, labels in self.data.valid_batches(self.cfg.train.eval_batches):
             tokens, labels = tokens.to(self.device), labels.to(self.device)
-            with self._autocast():
-                logits = self.model(tokens)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
+            total += self.eval_loss_sum(tokens, labels, elastic)
             count += labels.numel()
         self.model.train()
         return total / max(1, count)
+
+    def evaluate(self) -> float:
+        return self.evaluate_loss(None)
 
     def evaluate_metrics(self) -> dict[str, float]:
         """Validation metrics; ``val_loss`` is the headline number."""
@@ -207,31 +219,51 @@ class Trainer:
         loss, grad_norm, lr = self.train_step()
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over grad_accum micro-batches. Returns (loss, grad_norm, lr)."""
+    def set_lr(self) -> float:
+        """Set this step's learning rate on every parameter group (the router's, flagged ``is_router``,
+        times ``elastic.router_lr_multiplier``); returns the base rate."""
         tc = self.cfg.train
         lr = lr_at(self.step, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * (self.cfg.elastic.router_lr_multiplier if group.get("is_router") else 1.0)
+        return lr
+
+    def clip_gradients(self, params) -> float:
+        """Clip to ``train.clip_grad`` (0 = no clipping); returns the gradient norm before clipping."""
+        params = [p for p in params if p.grad is not None]
+        max_norm = self.cfg.train.clip_grad
+        if max_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+    def optimizer_step(self) -> None:
+        """Apply the accumulated gradients and count the step."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.consumed_samples += self.cfg.train.global_batch_size
+
+    def forward_backward(self) -> float:
+        """Forward and backward over grad_accum micro-batches; returns the mean loss."""
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum):
             tokens, labels = next(self.data.train_loader)
             tokens, labels = tokens.to(self.device), labels.to(self.device)
             with self._autocast():
                 logits = self.model(tokens)
-            loss = lm_loss(logits, labels)
+            loss = self.lm_loss(logits, labels)
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
+        return (loss_sum / self.grad_accum).item()
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches. Returns (loss, grad_norm, lr)."""
+        lr = self.set_lr()
+        loss = self.forward_backward()
         self.reduce_gradients()
-        if tc.clip_grad > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()]))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.consumed_samples += tc.global_batch_size
-        return (loss_sum / self.grad_accum).item(), float(grad_norm), lr
+        grad_norm = self.clip_gradients(self.model.parameters())
+        self.optimizer_step()
+        return loss, grad_norm, lr
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
