@@ -114,7 +114,8 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def maybe_resume(self) -> bool:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
-        if latest is None:
+        if latest is None:  # a fresh start: records of an attempt killed before its first checkpoint go
+            self._truncate_metrics(0)
             return False
         state, rng = self.load_checkpoint(latest)
         self.load_extra_checkpoint_state(latest)
@@ -129,7 +130,7 @@ class Trainer:
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric records written after the checkpoint we resume from (they will be redone)."""
         path = self.run_dir / METRICS_FILE
-        if not path.exists():
+        if not path.exists() or self.dp_rank != 0:
             return
         kept = []
         for line in path.read_text().splitlines():
@@ -311,7 +312,7 @@ class Trainer:
                     self.tracker.log_metrics({k: v for k, v in val.items() if k != "step"}, self.step)
                 if (tc.save_interval and self.step % tc.save_interval == 0) or self.step == tc.max_steps:
                     self.save()
-                if self.stop_requested(stop):
+                if self.step < tc.max_steps and self.stop_requested(stop):  # after the last step: finish
                     path = self.save()
                     self.tracker.message(f"[train] signal {stop.signum}: checkpointed step {self.step} to "
                                          f"{path}; exiting with code {EXIT_REQUEUE} (resume by re-running)")  # fmt: skip

@@ -92,6 +92,25 @@ def test_sigkill_at_random_step_resumes_exactly(cli_exe, cache, reference_run, t
     assert trace(run_dir) == trace(ref_dir), f"killed at step {kill_at}"
 
 
+def test_killed_before_its_first_checkpoint_restarts_without_duplicate_records(cli_exe, cache, reference_run,
+                                                                              tmp_path):  # fmt: skip
+    ref_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    # checkpoints do not change the numbers: the first one here is at step 6, well after the kill
+    cmd = train_cmd(cli_exe, run_dir, cache, "train.max_steps=12", "train.save_interval=6", "train.eval_interval=4")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run_dir, 2, proc)  # steps 1-2 are in metrics.jsonl
+    proc.send_signal(signal.SIGSTOP)
+    assert not (run_dir / "checkpoints" / "latest").exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    r = run(cmd)
+    assert r.returncode == 0 and "resuming" not in r.stdout, r.stdout + r.stderr
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((ref_dir / "metrics.jsonl").read_text().splitlines())
+    assert trace(run_dir) == trace(ref_dir)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_checkpoints_and_exits_for_requeue(cli_exe, cache, reference_run, tmp_path, sig):
     ref_dir, _ = reference_run
