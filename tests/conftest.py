@@ -30,9 +30,11 @@ def cli_exe() -> list[str]:
     return [str(exe)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory) -> Path:
-    """A built-in tokenizer and dataset cache (``data.cache_dir``), tokenized once per test module."""
+    """The built-in tokenizer and dataset cache (``data.cache_dir``) of the whole session: each corpus
+    size is tokenized once (its files are named after the vocabulary and size, so tests share them).
+    Tests about data preparation itself use a fresh directory."""
     return tmp_path_factory.mktemp("cache")
 
 
