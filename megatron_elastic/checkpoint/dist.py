@@ -180,7 +180,6 @@ def _merge(slicer: _Slicer, config, payloads: list[dict]):
     return params, state
 
 
-# ---------------------------------------------------------------------- the trainer's entry points
 # ---------------------------------------------------------------------- dist_checkpointing
 @dataclass(frozen=True)
 class _Place:
@@ -351,13 +350,7 @@ def _write_small_files(tmp: Path, config, trainer_state: dict, config_yaml: str,
         "weights": "megatron-core dist_checkpointing (torch_dist)",
     })  # fmt: skip
     (tmp / "config.yaml").write_text(config_yaml)
-    for fname, value in (extra or {}).items():
-        if isinstance(value, str):
-            (tmp / fname).write_text(value)
-        elif isinstance(value, bytes):
-            (tmp / fname).write_bytes(value)
-        else:
-            torch.save(value, tmp / fname)
+    ckpt.write_extra_files(tmp, extra)
 
 
 def _first_line(exc: BaseException) -> str:

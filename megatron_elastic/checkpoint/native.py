@@ -117,10 +117,22 @@ def write_manifest(directory: Path, *, unhashed: tuple[str, ...] = ()) -> None:
     write_json(directory / MANIFEST, {"format": "megatron-elastic-manifest", "files": files})
 
 
+_CHECKED: dict[tuple, str | None] = {}
+
+
 def manifest_problem(path: Path) -> str | None:
-    """Why ``path`` does not match its manifest (None: it does, or it predates manifests)."""
+    """Why ``path`` does not match its manifest (None: it does, or it predates manifests). Hashed once
+    per process: a run's start-up checks and its trainer both look before resuming."""
     if not (path / MANIFEST).is_file():
         return None
+    stat = (path / MANIFEST).stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns)
+    if key not in _CHECKED:
+        _CHECKED[key] = _manifest_problem(path)
+    return _CHECKED[key]
+
+
+def _manifest_problem(path: Path) -> str | None:
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
         for name, want in files.items():
@@ -149,9 +161,21 @@ def _write_pointer(ckpt_root: Path, name: str) -> None:
     fsync_path(ckpt_root)
 
 
+def write_extra_files(directory: Path, extra: dict | None) -> None:
+    """A trainer's extra checkpoint files, name -> value: str and bytes as they are, anything else
+    with ``torch.save`` (tensors and plain values, so that :func:`load_torch_state` reads it)."""
+    for name, value in (extra or {}).items():
+        if isinstance(value, str):
+            (directory / name).write_text(value)
+        elif isinstance(value, bytes):
+            (directory / name).write_bytes(value)
+        else:
+            torch.save(value, directory / name)
+
+
 def save_checkpoint(ckpt_root: Path, *, step: int, model, optimizer, trainer_state: dict, config_yaml: str,
                     keep_last: int, extra: dict | None = None) -> Path:  # fmt: skip
-    """``extra``: name -> (bytes | str | object); bytes/str are written as files, objects with torch.save."""
+    """``extra``: the trainer's own files (:func:`write_extra_files`)."""
     from safetensors.torch import save_file
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -167,13 +191,7 @@ def save_checkpoint(ckpt_root: Path, *, step: int, model, optimizer, trainer_sta
         torch.save(rng_state(), tmp / "rng.pt")
         write_json(tmp / "trainer_state.json", trainer_state)
         (tmp / "config.yaml").write_text(config_yaml)
-        for name, value in (extra or {}).items():
-            if isinstance(value, str):
-                (tmp / name).write_text(value)
-            elif isinstance(value, bytes):
-                (tmp / name).write_bytes(value)
-            else:
-                torch.save(value, tmp / name)
+        write_extra_files(tmp, extra)
         write_manifest(tmp)
     publish(ckpt_root, dst.name, keep_last)
     return dst
