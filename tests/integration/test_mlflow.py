@@ -3,6 +3,7 @@ artifact root): what a tiny elastic run logs, resume into the same run, a server
 mid-run (spool, automatic replay, ``tracking sync``, every metric point exactly once), a server down
 or hanging from the start, credentials kept out of every log line."""
 
+import contextlib
 import json
 import os
 import signal
@@ -232,7 +233,6 @@ def test_server_killed_mid_run_spools_replays_and_syncs(live_server, tiny_parent
     run_dir = tmp_path / "run"
     cmd = train_cmd(tiny_parent_dir, run_dir, cache, secret_uri(server), "train.max_steps=8", "train.eval_interval=4",
                     "train.save_interval=0", "tracking.mlflow_retry_s=0.2", "tracking.mlflow_timeout_s=2")  # fmt: skip
-    t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def paused(action):
@@ -259,7 +259,6 @@ def test_server_killed_mid_run_spools_replays_and_syncs(live_server, tiny_parent
     paused(server.stop)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out + err
-    assert time.time() - t0 < 300
     assert "unreachable" in err and "reachable again" in err and "tracking sync" in err
     assert SECRET not in out + err
     spool = run_dir / "mlflow_spool.jsonl"
@@ -310,7 +309,6 @@ def test_server_down_or_hanging_from_the_start(live_server, tmp_path, capsys):
         run_dir.mkdir()
         uri = f"http://bob:{SECRET}@127.0.0.1:{port}"
         cfg = tracking_cfg(uri, mlflow_timeout_s=1, mlflow_retry_s=60)
-        t0 = time.time()
         for start in range(2):  # a requeued job starting while the server is still down
             tracker = MLflowTracker(cfg.tracking)
             tracker.start(run_dir=run_dir, config=cfg.to_dict(), resumed=bool(start), total_steps=40,
@@ -320,8 +318,15 @@ def test_server_down_or_hanging_from_the_start(live_server, tmp_path, capsys):
             (run_dir / "note.txt").write_text(f"attempt {start}\n")
             tracker.log_artifact(run_dir / "note.txt", "notes")
             tracker.finish("KILLED" if start == 0 else "FINISHED")
-        elapsed = time.time() - t0
-        assert elapsed < 12, elapsed  # about one timeout per attempt (start, final replay), not one per call
+        if port == hang.getsockname()[1]:  # every request is one connection left in the backlog: count them
+            hang.setblocking(False)
+            tried = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    hang.accept()[0].close()
+                    tried += 1
+            # about one timeout per attempt (start, final replay), not one per call (40+)
+            assert 2 <= tried <= 8, tried
         assert not (run_dir / "mlflow_run.json").exists()
         kinds = [json.loads(x)["kind"] for x in (run_dir / "mlflow_spool.jsonl").read_text().splitlines()]
         assert kinds.count("create") == 1 and kinds.count("metrics") == 40 and kinds[-1] == "status"
