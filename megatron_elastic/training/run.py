@@ -47,9 +47,9 @@ def resolve_elastic_run(cfg: RunConfig) -> ElasticRun:
     ranking (``elastic.ranking``, else ranking.json inside or beside the parent). All checked before any
     data or compute: the space, the budgets' reachability and a checkpoint to resume."""
     from megatron_elastic.api import read_model_config
-    from megatron_elastic.elastic.importance import find_ranking, read_depth_order
     from megatron_elastic.checkpoint import native as checkpoint
     from megatron_elastic.elastic.costs import Cost
+    from megatron_elastic.elastic.importance import find_ranking, read_depth_order
     from megatron_elastic.elastic.search_space import ElasticSpace
     from megatron_elastic.elastic.selection import check_budgets_reachable
     from megatron_elastic.training.elastic_trainer import check_same_space
