@@ -320,6 +320,25 @@ class ElasticSpace:
                     "rebuild the space for this parent or load the matching checkpoint"
                 )
 
+    def rounding(self) -> list[str]:
+        """One line per fraction that did not land exactly on a size: the size actually used and why
+        (e.g. ``attn_heads 0.5 -> 16 of 40 (a multiple of the 8 KV groups)``); [] when built from sizes."""
+        if self.fractions is None:
+            return []
+        units = _units(self.config, self.multiple_of)
+        what = {"attn_heads": f"whole KV groups ({self.config.num_query_groups})",
+                "mamba_heads": f"whole Mamba groups ({self.config.mamba_num_groups})"}  # fmt: skip
+        lines = []
+        for name in WIDTH_AXES:
+            full = self.axes[name].full
+            for f in self.fractions[name]:
+                size = _round_down(f, full, units[name])
+                if abs(size - f * full) > 1e-6 and size in self.axes[name].choices:
+                    unit = what.get(name, f"elastic.multiple_of={self.multiple_of}")
+                    lines.append(f"elastic.{name} {f:g} -> {size} of {full} ({f * full:g} rounded to a multiple "
+                                 f"of {units[name]}: {unit})")  # fmt: skip
+        return lines
+
     def __repr__(self) -> str:
         axes = ", ".join(f"{name}={list(axis.choices)}" for name, axis in self.axes.items())
         return f"ElasticSpace({axes}, heterogeneous={self.heterogeneous})"

@@ -145,19 +145,29 @@ def check_fp8_divisibility(config: HybridConfig, tp_size: int = 1, elastic_choic
         if value % FP8_MULTIPLE:
             raise ConfigError(f"{what} = {value} is not a multiple of {FP8_MULTIPLE} as FP8 GEMMs need; "
                               f"resize the model or set parallel.fp8.enabled=false")  # fmt: skip
+    # Every child must run FP8 too: the per-rank GEMM widths of every choice (and of every Mamba
+    # heads x head-dim pair: in_proj packs [z, x, B, C, dt], so its width has an odd part per head).
     choices = _elastic_sizes(elastic_choices, config)
-    widths = {
-        "hidden": lambda k: k,
-        "ffn": lambda k: k,
-        "mamba_head_dim": lambda k: k,
-        "attn_heads": lambda k: k * c.head_dim,
-        "mamba_heads": lambda k: k * c.mamba_head_dim,
-    }
-    for axis, width in widths.items():
-        bad = [k for k in choices.get(axis, ()) if width(k) % FP8_MULTIPLE]
-        if bad:
-            raise ConfigError(f"elastic.{axis} size {bad[0]} gives a GEMM width {width(bad[0])} that is not a multiple of "
-                              f"{FP8_MULTIPLE} as FP8 needs; set elastic.multiple_of={FP8_MULTIPLE}")  # fmt: skip
+    kinds = set(c.layer_types)
+    G, N = c.mamba_num_groups, c.mamba_state_dim
+    widths: list[tuple[str, str, int]] = [("hidden", f"size {k} gives a hidden width", k) for k in choices.get("hidden", ())]
+    if MLP in kinds:
+        widths += [("ffn", f"size {k} gives a per-rank FFN width", k // tp) for k in choices.get("ffn", ())]
+    if ATTENTION in kinds:
+        widths += [("attn_heads", f"size {k} gives a per-rank query width", k * c.head_dim // tp)
+                   for k in choices.get("attn_heads", ())]  # fmt: skip
+    if MAMBA in kinds:
+        for k in choices.get("mamba_heads", (c.mamba_num_heads,)):
+            for p in choices.get("mamba_head_dim", (c.mamba_head_dim,)):
+                pair = f"size {k} with head dim {p} gives a per-rank Mamba"
+                widths += [("mamba_heads", f"{pair} d_inner", k * p // tp),
+                           ("mamba_heads", f"{pair} in_proj width", (2 * k * p + 2 * G * N + k) // tp)]  # fmt: skip
+    for axis, what, width in widths:
+        if width % FP8_MULTIPLE:
+            fix = (f"set elastic.multiple_of={FP8_MULTIPLE * (tp if axis == 'ffn' else 1)}" if axis in ("hidden", "ffn") else
+                   f"drop that elastic.{axis} choice or set parallel.fp8.enabled=false")  # fmt: skip
+            raise ConfigError(f"elastic.{axis} {what} of {width} at parallel.tp={tp}, not a multiple of "
+                              f"{FP8_MULTIPLE} as FP8 GEMMs need; {fix}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- layers

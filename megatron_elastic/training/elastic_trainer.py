@@ -77,6 +77,8 @@ class ElasticTrainer(Trainer):
         )  # fmt: skip
         self.nested = NestedStep(self.selection, self.sampler, elastic=e, distill=d, seed=cfg.train.seed,
                                  max_steps=cfg.train.max_steps, **self.nested_losses())  # fmt: skip
+        for line in self.space.rounding():  # a fraction that became another size is said once, with the size used
+            self.tracker.message(f"[elastic] {line}")
 
     # ------------------------------------------------------------------ building
     def build_model(self) -> HybridLM:
