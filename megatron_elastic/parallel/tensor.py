@@ -223,12 +223,9 @@ def _megatron_classes():
 
 
 def _te_linear_factories(sequence_parallel: bool = False):
-    if sequence_parallel:
-        raise ConfigError("sequence parallelism with the Transformer Engine layers is not supported; set parallel."
-                          "sequence_parallel=false or use the megatron-core layers (parallel.fp8.enabled=false)")  # fmt: skip
     from megatron_elastic.parallel.fp8 import te_linear_factories
 
-    return te_linear_factories()
+    return te_linear_factories(sequence_parallel, reduce_scatter=reduce_scatter_sequence)
 
 
 # The linear spec: which implementation builds the mixers' column / row parallel linears.
@@ -309,6 +306,11 @@ class _ReduceScatterSequence(torch.autograd.Function):
         return _all_gather_seq(grad, ctx.group, ctx.size), None, None, None
 
 
+def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """Partial sums over the whole sequence -> their total at this rank's positions (autograd-aware)."""
+    return _ReduceScatterSequence.apply(x, group, dist.get_world_size(group), dist.get_rank(group))
+
+
 class SequenceParallelRowLinear(nn.Module):
     """Row-parallel linear for sequence parallelism: local product with this rank's input columns,
     reduce-scatter over the sequence, then the (replicated) bias on this rank's positions."""
@@ -325,7 +327,7 @@ class SequenceParallelRowLinear(nn.Module):
             self.bias.sequence_parallel = True  # gradient from this rank's positions only: summed over TP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _ReduceScatterSequence.apply(nn.functional.linear(x, self.weight), self.group, self.size, self.rank)
+        out = reduce_scatter_sequence(nn.functional.linear(x, self.weight), self.group)
         return out if self.bias is None else out + self.bias
 
 
