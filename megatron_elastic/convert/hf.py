@@ -19,14 +19,22 @@ from pathlib import Path
 import torch
 
 from megatron_elastic.errors import CheckpointError
-from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from megatron_elastic.model.hybrid import HybridLM
 from megatron_elastic.utils.io import atomic_directory, contained_path, load_safetensors, read_json, write_json
 
 from megatron_elastic.convert.native import copy_side_files, load_state_into, stored_dtype
 
-_BLOCK_TYPES = {"linear_attention": MAMBA, "full_attention": ATTENTION, "mlp": MLP}
-_LEGACY_SYMBOLS = {"M": MAMBA, "*": ATTENTION, "-": MLP}
+_BLOCK_TYPES = {"linear_attention": MAMBA, "full_attention": ATTENTION, "mlp": MLP, "moe": MOE}
+_LEGACY_SYMBOLS = {"M": MAMBA, "*": ATTENTION, "-": MLP, "E": MOE}
+# nemotron_h's mixture-of-experts fields -> ours (megatron-core's names)
+_MOE_KEYS = {
+    "n_routed_experts": "num_moe_experts", "num_experts_per_tok": "moe_router_topk",
+    "moe_intermediate_size": "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",
+    "n_group": "moe_router_num_groups", "topk_group": "moe_router_group_topk",
+    "routed_scaling_factor": "moe_router_topk_scaling_factor", "norm_topk_prob": "moe_norm_topk_prob",
+}  # fmt: skip
 _BLOCK_NAMES = {v: k for k, v in _BLOCK_TYPES.items()}
 # Older nemotron_h configs spell some fields differently (transformers maps them the same way).
 _LEGACY_KEYS = {
@@ -40,7 +48,9 @@ HF_DEFAULTS = {  # NemotronHConfig defaults for fields a config.json may omit
     "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 1e-4, "use_conv_bias": True,
     "use_bias": False, "initializer_range": 0.02, "layer_norm_epsilon": 1e-5,
     "rescale_prenorm_residual": True, "tie_word_embeddings": False, "mlp_hidden_act": "relu2",
-    "mamba_hidden_act": "silu",
+    "mamba_hidden_act": "silu", "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 7688,
+    "moe_shared_expert_intermediate_size": 7688, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+    "norm_topk_prob": True, "n_shared_experts": 1,
 }  # fmt: skip
 
 
@@ -72,14 +82,14 @@ def config_from_hf(hf: dict, *, src: str = "config.json") -> HybridConfig:
         bad = sorted({t for t in types if t not in _BLOCK_TYPES})
         if bad:
             raise _unsupported(src, f"layer types {bad} are not supported (only mamba 'linear_attention', "
-                                    "'full_attention' and dense 'mlp' layers; MoE is not)")  # fmt: skip
+                                    "'full_attention', 'mlp' and 'moe' layers)")  # fmt: skip
         pattern = "".join(_BLOCK_TYPES[t] for t in types)
     elif hf.get("hybrid_override_pattern"):
         raw = hf["hybrid_override_pattern"]
         bad = sorted({s for s in raw if s not in _LEGACY_SYMBOLS})
         if bad:
-            raise _unsupported(src, f"hybrid_override_pattern symbols {bad} are not supported (only M, * "
-                                    "and -; MoE 'E' is not)")  # fmt: skip
+            raise _unsupported(src, f"hybrid_override_pattern symbols {bad} are not supported (only M, *, - "
+                                    "and E)")  # fmt: skip
         pattern = raw
     else:
         raise _unsupported(src, "has neither layers_block_type nor hybrid_override_pattern")
@@ -93,7 +103,15 @@ def config_from_hf(hf: dict, *, src: str = "config.json") -> HybridConfig:
         warnings.warn("multi-token-prediction layers (num_nextn_predict_layers) are not converted; dropping them")
     heads = hf["num_attention_heads"]
     head_dim = get("head_dim") or hf["hidden_size"] // heads
+    moe = {}
+    if MOE in pattern:
+        if get("n_shared_experts") != 1:
+            raise _unsupported(src, f"n_shared_experts={get('n_shared_experts')!r} is not supported (nemotron_h "
+                                    "builds exactly one shared expert)")  # fmt: skip
+        moe = {ours: get(theirs) for theirs, ours in _MOE_KEYS.items()}
+        moe["moe_latent_size"] = hf.get("moe_latent_size") or 0
     return HybridConfig(
+        **moe,
         pattern=pattern,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -137,7 +155,12 @@ def config_to_hf(config: HybridConfig, *, torch_dtype: str = "float32") -> dict:
             f"[time_step_min, inf) = [{c.mamba_dt_min}, inf); set mamba_dt_limit to that before exporting"
         )
     types = [_BLOCK_NAMES[t] for t in c.layer_types]
+    moe = {}
+    if MOE in c.layer_types:
+        moe = {theirs: getattr(c, ours) for theirs, ours in _MOE_KEYS.items()}
+        moe.update(n_shared_experts=1, moe_latent_size=c.moe_latent_size or None)
     return {
+        **moe,
         "architectures": ["NemotronHForCausalLM"],
         "model_type": "nemotron_h",
         "torch_dtype": torch_dtype,
@@ -199,20 +222,42 @@ def _rename(key: str, rules) -> str | None:
     return None
 
 
+# Routed experts: one (out, in) matrix per expert in files (what released checkpoints, transformers'
+# save_pretrained and vLLM use); one (experts, out, in) tensor per projection in the model.
+_EXPERT_KEY = re.compile(r"^(layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+_FUSED_EXPERTS = re.compile(r"^(layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)$")
+
+
 def state_from_hf(hf_state: dict[str, torch.Tensor], *, src: str) -> dict[str, torch.Tensor]:
-    out = {}
+    out, experts = {}, {}
     for key, tensor in hf_state.items():
         if _IGNORED_HF.match(key):
             continue
         new = _rename(key, _HF_TO_NATIVE)
         if new is None:
             raise CheckpointError(f"{src}: unexpected tensor {key!r}; is this a nemotron_h checkpoint?")
-        out[new] = tensor
+        m = _EXPERT_KEY.match(new)
+        if m:
+            experts.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = tensor
+        else:
+            out[new] = tensor
+    for name, per_expert in experts.items():
+        if sorted(per_expert) != list(range(len(per_expert))):
+            missing = sorted(set(range(max(per_expert) + 1)) - set(per_expert))
+            raise CheckpointError(f"{src}: {name} lacks expert(s) {missing[:5]}; the checkpoint is incomplete")
+        out[name] = torch.stack([per_expert[e] for e in range(len(per_expert))])
     return out
 
 
 def state_to_hf(state: dict[str, torch.Tensor], *, tied: bool) -> dict[str, torch.Tensor]:
-    out = {_rename(k, _NATIVE_TO_HF): v for k, v in state.items()}
+    out = {}
+    for key, value in state.items():
+        m = _FUSED_EXPERTS.match(key)
+        if m:
+            for e in range(value.shape[0]):
+                out[_rename(f"{m[1]}.{e}.{m[2]}.weight", _NATIVE_TO_HF)] = value[e]
+        else:
+            out[_rename(key, _NATIVE_TO_HF)] = value
     if tied:  # nemotron_h has no tying: write the shared matrix as the output layer too
         out["lm_head.weight"] = out["backbone.embeddings.weight"].clone()
     return out

@@ -41,7 +41,7 @@ import torch
 from megatron_elastic.config.schema import check_fractions
 from megatron_elastic.elastic.space import AXES, WIDTH_AXES, Architecture, Axis, LayerArch, axes_of
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, MOE, HybridConfig
 
 # Axes whose choice is made per layer in a heterogeneous space, and the layer type they live on.
 LAYER_AXIS_KIND = {"ffn": MLP, "attn_heads": ATTENTION, "mamba_heads": MAMBA, "mamba_head_dim": MAMBA}
@@ -345,6 +345,9 @@ class ElasticSpace:
 
 
 def _check_options(config: HybridConfig, multiple_of: int) -> None:
+    if MOE in config.layer_types:
+        raise ConfigError("the elastic parent has mixture-of-experts ('E') layers, which have no elastic axes yet; "
+                          "train or convert it without an elastic section, or use a parent with dense MLP ('-') layers")  # fmt: skip
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of <= 0:
         raise ConfigError(f"elastic.multiple_of={multiple_of!r} is invalid; it must be a positive integer")
     if config.is_heterogeneous:

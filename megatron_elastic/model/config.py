@@ -1,7 +1,8 @@
 """The hybrid model's configuration: one validated dataclass, plus named presets.
 
-The layer pattern has one symbol per layer: ``M`` Mamba-2 mixer, ``*`` self-attention, ``-`` MLP.
-``|`` marks a pipeline-stage boundary and is not a layer. Field names follow megatron-core where it
+The layer pattern has one symbol per layer: ``M`` Mamba-2 mixer, ``*`` self-attention, ``-`` MLP,
+``E`` mixture of experts (megatron-core's hybrid symbols). ``|`` marks a pipeline-stage boundary and
+is not a layer. Field names follow megatron-core where it
 has a name for the thing (``ffn_hidden_size``, ``num_attention_heads``, ``num_query_groups``).
 """
 
@@ -13,14 +14,16 @@ from dataclasses import dataclass, field
 
 from megatron_elastic.errors import ConfigError
 
-MAMBA, ATTENTION, MLP = "M", "*", "-"
-LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP)
+MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
+LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP, MOE)
 STAGE_SEPARATOR = "|"
-LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
+LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp", MOE: "moe"}
 # Activation recomputation modes (see model.hybrid.set_recompute): what backward recomputes instead of keeping.
 RECOMPUTE_MODES = ("none", "selective", "full")
-# Symbols megatron-core's hybrid models know but this project does not implement.
-_UNSUPPORTED_SYMBOLS = {"E": "MoE layers ('E') are not supported; use a dense MLP ('-')"}
+# The mixture-of-experts fields (used by 'E' layers; left out of to_dict when the pattern has none).
+MOE_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+              "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
+              "moe_norm_topk_prob", "moe_latent_size")  # fmt: skip
 
 
 def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
@@ -48,12 +51,10 @@ def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
                 )
             stages.append(current)
             current = 0
-        elif symbol in _UNSUPPORTED_SYMBOLS:
-            raise ConfigError(f"layer pattern {pattern!r}: {_UNSUPPORTED_SYMBOLS[symbol]}")
         else:
             raise ConfigError(
                 f"layer pattern {pattern!r} has unknown symbol {symbol!r} at position {pos}; "
-                "use only M (Mamba-2), * (attention), - (MLP) and | (pipeline-stage boundary)"
+                "use only M (Mamba-2), * (attention), - (MLP), E (mixture of experts) and | (pipeline-stage boundary)"
             )
     if current == 0:
         raise ConfigError(
@@ -103,7 +104,7 @@ class HybridConfig:
     """Shape and numerics of a Nemotron-H style hybrid Mamba-2 / attention / MLP language model."""
 
     pattern: str
-    """Layer pattern, one symbol per layer: M Mamba-2, * attention, - MLP; | = stage boundary."""
+    """Layer pattern, one symbol per layer: M Mamba-2, * attention, - MLP, E mixture of experts; | = stage boundary."""
     vocab_size: int
     """Number of token ids (rows of the embedding and of the output layer)."""
     hidden_size: int
@@ -150,6 +151,24 @@ class HybridConfig:
     """Initialise Mamba out_proj with kaiming-uniform / sqrt(num_layers), as NemotronH does."""
     tie_embeddings: bool = False
     """Share the embedding matrix with the output layer."""
+    num_moe_experts: int = 0
+    """Routed experts per mixture-of-experts ('E') layer (required with 'E' layers)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int = 0
+    """Intermediate width of each routed expert (squared-ReLU, no gate; required with 'E' layers)."""
+    moe_shared_expert_intermediate_size: int = 0
+    """Intermediate width of the shared expert every token passes through (required with 'E' layers)."""
+    moe_router_num_groups: int = 1
+    """Expert groups of group-limited routing (experts split evenly; 1 = no grouping)."""
+    moe_router_group_topk: int = 1
+    """Groups a token may pick its experts from (by the sum of each group's two best scores)."""
+    moe_router_topk_scaling_factor: float = 1.0
+    """Multiplier of the routing weights (nemotron_h's routed_scaling_factor)."""
+    moe_norm_topk_prob: bool = True
+    """Normalise each token's top-k sigmoid scores to sum to one (before the scaling factor)."""
+    moe_latent_size: int = 0
+    """Routed experts work in a latent space of this width (projections in and out); 0 = hidden size."""
     ffn_hidden_size_per_layer: list[int] | None = None
     """Heterogeneous models: one FFN size per MLP ('-') layer, in pattern order (else ffn_hidden_size)."""
     num_attention_heads_per_layer: list[int] | None = None
@@ -223,12 +242,47 @@ class HybridConfig:
                     f"layer {i}: {dims.num_attention_heads} query heads are not divisible by "
                     f"model.num_query_groups={self.num_query_groups}; keep the same number per KV group"
                 )
+        if MOE in self._layers:
+            self._validate_moe()
         lo, hi = self.mamba_dt_limit if len(self.mamba_dt_limit) == 2 else (None, None)
         if lo is None or not (0.0 <= lo < hi):
             raise ConfigError(
                 f"model.mamba_dt_limit={list(self.mamba_dt_limit)} is invalid; give [low, high] with "
                 "0 <= low < high (high may be inf)"
             )
+
+    def _validate_moe(self) -> None:
+        for name in ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+                     "moe_router_num_groups", "moe_router_group_topk"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{name}={value!r} is invalid; the pattern has MoE ('E') layers, "
+                                  "so it must be a positive integer")  # fmt: skip
+        latent = self.moe_latent_size
+        if isinstance(latent, bool) or not isinstance(latent, int) or latent < 0:
+            raise ConfigError(f"model.moe_latent_size={latent!r} is invalid; give 0 (no latent space) or a positive width")
+        scale = self.moe_router_topk_scaling_factor
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ConfigError(f"model.moe_router_topk_scaling_factor={scale!r} is invalid; it must be a positive number")
+        if not isinstance(self.moe_norm_topk_prob, bool):
+            raise ConfigError(f"model.moe_norm_topk_prob={self.moe_norm_topk_prob!r} is invalid; use true or false")
+        experts, groups = self.num_moe_experts, self.moe_router_num_groups
+        if experts % groups or experts // groups < 2:
+            raise ConfigError(f"model.moe_router_num_groups={groups} does not split model.num_moe_experts={experts} "
+                              "into equal groups of at least 2 experts; pick a group count that does")  # fmt: skip
+        if self.moe_router_group_topk > groups:
+            raise ConfigError(f"model.moe_router_group_topk={self.moe_router_group_topk} exceeds "
+                              f"model.moe_router_num_groups={groups}; pick at most {groups}")  # fmt: skip
+        reachable = self.moe_router_group_topk * (experts // groups)
+        if self.moe_router_topk > reachable:
+            raise ConfigError(f"model.moe_router_topk={self.moe_router_topk} exceeds the {reachable} experts of the "
+                              f"{self.moe_router_group_topk} group(s) a token may use; lower the top-k or raise "
+                              "model.moe_router_group_topk")  # fmt: skip
+
+    @property
+    def moe_expert_input_size(self) -> int:
+        """Width the routed experts read and write: the latent size, else the hidden size."""
+        return self.moe_latent_size or self.hidden_size
 
     # ------------------------------------------------------------------ derived shapes
     @property
@@ -296,6 +350,9 @@ class HybridConfig:
                 del out[name]
             else:
                 out[name] = list(out[name])
+        if MOE not in self._layers:  # and dense models keep the keys they always had
+            for name in MOE_FIELDS:
+                del out[name]
         return out
 
     @classmethod
@@ -337,12 +394,32 @@ def num_parameters(config: HybridConfig) -> dict[str, int]:
             q = L.num_attention_heads * c.head_dim
             kv = c.num_query_groups * c.head_dim
             n += d * (q + 2 * kv) + q * d
+        elif kind == MOE:
+            n += moe_parameters(c)["total"]
         else:
             f = L.ffn_hidden_size
             n += 2 * d * f + ((f + d) if c.mlp_bias else 0)
         counts[f"layer{i}"] = n
     counts["final_norm"] = d
     counts["output_layer"] = 0 if c.tie_embeddings else c.vocab_size * d
+    return counts
+
+
+def moe_parameters(config: HybridConfig) -> dict[str, int]:
+    """Parameters of one MoE mixer (its block's pre-norm excluded): ``router``, ``experts`` (all routed
+    experts), ``expert`` (one of them), ``shared``, ``latent`` (both projections), ``total`` and
+    ``active`` (what one token uses: router, shared expert, latent projections and top-k experts)."""
+    c = config
+    d, din, f, s = c.hidden_size, c.moe_expert_input_size, c.moe_ffn_hidden_size, c.moe_shared_expert_intermediate_size
+    bias = c.mlp_bias
+    expert = 2 * din * f
+    shared = 2 * d * s + ((s + d) if bias else 0)
+    latent = (2 * d * c.moe_latent_size + ((c.moe_latent_size + d) if bias else 0)) if c.moe_latent_size else 0
+    router = c.num_moe_experts * d
+    counts = {"router": router, "experts": c.num_moe_experts * expert, "expert": expert, "shared": shared,
+              "latent": latent}  # fmt: skip
+    counts["total"] = router + counts["experts"] + shared + latent
+    counts["active"] = router + c.moe_router_topk * expert + shared + latent
     return counts
 
 

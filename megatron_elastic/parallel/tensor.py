@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from megatron_elastic.model.elastic_state import LayerMask
 from megatron_elastic.model.hybrid import HybridBlock, HybridLM
 from megatron_elastic.model.layout import (
@@ -101,6 +101,9 @@ def check_tp_divisibility(config: HybridConfig, tp_size: int, elastic_choices=No
     if tp == 1:
         return
     c = config
+    if MOE in c.layer_types:
+        raise ConfigError(f"parallel.tp={tp} with mixture-of-experts ('E') layers is not supported yet (experts are "
+                          "not split); use parallel.tp=1 with data or pipeline parallelism")  # fmt: skip
     if c.vocab_size % tp:
         padded = -(-c.vocab_size // tp) * tp
         raise ConfigError(f"model.vocab_size={c.vocab_size} is not divisible by parallel.tp={tp}; "
@@ -130,6 +133,9 @@ def check_fp8_divisibility(config: HybridConfig, tp_size: int = 1, elastic_choic
     from megatron_elastic.parallel.fp8 import FP8_MULTIPLE
 
     c, tp = config, tp_size
+    if MOE in c.layer_types:
+        raise ConfigError("parallel.fp8 with mixture-of-experts ('E') layers is not supported yet; "
+                          "set parallel.fp8.enabled=false")  # fmt: skip
     dims = {"model.hidden_size": c.hidden_size}
     for i, kind in enumerate(c.layer_types):
         d = c.layer_dims(i)

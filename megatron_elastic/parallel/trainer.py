@@ -33,6 +33,7 @@ import torch.distributed as dist
 from megatron_elastic.config import dump_config
 from megatron_elastic.distill.nested import Tally, means
 from megatron_elastic.errors import ConfigError
+from megatron_elastic.model.config import MOE
 from megatron_elastic.parallel.data import allreduce_gradients
 from megatron_elastic.parallel.groups import ParallelGroups
 from megatron_elastic.tracking import MultiTracker, build_trackers
@@ -47,6 +48,9 @@ class ParallelMixin:
 
     def _setup_parallel(self, groups: ParallelGroups, cfg) -> dict:
         self.groups = groups
+        if groups.distributed and MOE in cfg.model.layer_types:
+            raise ConfigError("mixture-of-experts ('E') layers train in a single process for now (the sharded "
+                              "checkpoint has no expert layout yet); run without torchrun / srun, one rank")  # fmt: skip
         if groups.tp_size > 1:
             from megatron_elastic.parallel.tensor import check_tp_divisibility
 
