@@ -51,11 +51,11 @@ CHECK_CONFIGS = (  # small models (not among the fitted shapes) and their (batch
 def print_law(layout: mem.MemoryLayout) -> None:
     acts = mem.fit_activation_model(layout.params_dtype, layout.compute_dtype, layout.elastic)
     print(f"saved-for-backward bytes per feature (params {layout.params_dtype}, compute {layout.compute_dtype}, "
-          f"{'elastic masks' if layout.elastic else 'no masks'}); mixer part + rest of the block")  # fmt: skip
+          f"{'elastic masks' if layout.elastic else 'no masks'}): feature mixer|rest-of-block")  # fmt: skip
     for (kind, mode), fit in sorted(acts.fits.items()):
-        terms = [f"{m:+.2f}{'' if r == 0 else f'(+{r:.2f})'}*{f}" for f, m, r in zip(mem.FEATURES[kind], fit.mixer, fit.rest)
+        terms = [f"{f} {m:.2f}|{r:.2f}" for f, m, r in zip(mem.FEATURES[kind], fit.mixer, fit.rest)
                  if abs(m) + abs(r) >= 0.005]  # fmt: skip
-        print(f"  {kind:>9} {mode:<9} worst residual {fit.max_rel_residual:6.2%}:  " + " ".join(terms))
+        print(f"  {kind:>9} {mode:<9} (residual {fit.max_rel_residual:5.2%}): " + ", ".join(terms))
     coef, resid = mem.fit_loss_model(vocab_parallel=layout.tp > 1)
     print(f"  KD + CE loss ({'vocab-parallel' if layout.tp > 1 else 'dense'}): {coef[0]:.2f}*b*L*V {coef[1]:+.2f}*b*L "
           f"(residual {resid:.2%})")  # fmt: skip

@@ -17,8 +17,8 @@ feature ``phi_j`` is the micro-batch size times a token count times one width of
 tensor-parallel rank holds it (a TP rank's mixer *is* the single-device mixer at its local widths:
 heads / tp, FFN / tp, ...; the residual width d is never split). Mamba-2 adds the chunked scan's
 per-chunk terms (``H * Q`` per token, ``H*P*N`` per chunk, the ``(chunks + 1)^2`` decay matrix). The
-coefficients ``c_j`` are bytes per element and come out as small exact numbers (the fit residual is
-reported); sequence lengths are rounded up to whole scan chunks.
+coefficients ``c_j`` are bytes per element (near-integer where one tensor of that size is kept; the
+fit's worst residual is kept with it); sequence lengths are rounded up to whole scan chunks.
 
 Each layer's bytes are split into the mixer's part and the rest of the block (pre-norm, residual,
 masks). Under sequence parallelism the rest sees this rank's positions only (divided by tp); the
@@ -632,11 +632,13 @@ def _bytes(dtype: str) -> int:
     return torch.finfo(DTYPES[dtype]).bits // 8
 
 
-def estimate_stage(config: HybridConfig, layout: MemoryLayout, pp_rank: int = 0) -> MemoryEstimate:
-    """Per-rank bytes of every item on pipeline stage ``pp_rank`` (see the module docstring)."""
+def estimate_stage(config: HybridConfig, layout: MemoryLayout, pp_rank: int = 0, *,
+                   model: HybridLM | None = None) -> MemoryEstimate:  # fmt: skip
+    """Per-rank bytes of every item on pipeline stage ``pp_rank`` (see the module docstring);
+    ``model``: the meta model of ``config`` when the caller has it already."""
     L = layout
     L.validate(config)
-    model = meta_model(config)
+    model = meta_model(config) if model is None else model
     params = dict(_stage_params(config, L.pp, pp_rank, model))
     counts = {n: local_numel(config, n, p.shape, L.tp) for n, p in params.items()}
     n = sum(counts.values())
@@ -693,7 +695,9 @@ def estimate_stage(config: HybridConfig, layout: MemoryLayout, pp_rank: int = 0)
 
 def estimate_memory(config: HybridConfig, layout: MemoryLayout) -> MemoryEstimate:
     """The rank that needs the most: the largest total over the pipeline stages."""
-    return max((estimate_stage(config, layout, r) for r in range(layout.pp)), key=lambda e: e.total)
+    layout.validate(config)
+    model = meta_model(config)
+    return max((estimate_stage(config, layout, r, model=model) for r in range(layout.pp)), key=lambda e: e.total)
 
 
 def feature_variants(layout: MemoryLayout) -> dict[str, tuple[MemoryLayout, MemoryLayout]]:
