@@ -124,14 +124,17 @@ def features(kind: str, w: Widths, batch: int, seq_len: int) -> list[float]:
 
 
 class SavedBytes:
-    """Distinct storages autograd keeps for backward, in buckets (see :func:`count_saved`)."""
+    """Distinct storages autograd keeps for backward, each counted once, in the bucket it was first
+    saved in (see :func:`count_saved`)."""
 
     def __init__(self):
-        self.storages: dict[str, dict[int, int]] = {"activations": {}, "weight_copies": {}}
+        self.storages: dict[int, tuple[str, int]] = {}
+        """storage address -> (bucket, bytes)"""
         self.phase = "activations"
+        """The bucket storages saved from now on are counted in."""
 
     def bytes(self, bucket: str = "activations") -> int:
-        return sum(self.storages[bucket].values())
+        return sum(n for b, n in self.storages.values() if b == bucket)
 
 
 _VIEWS = ("TBackward0", "TransposeBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
@@ -163,9 +166,8 @@ def count_saved(params, *, exclude=()):
     def pack(t: torch.Tensor):
         s = t.untyped_storage()
         ptr = s.data_ptr()
-        if ptr not in skip:
-            bucket = "weight_copies" if _is_weight_copy(t, ids) else saved.phase
-            saved.storages.setdefault(bucket, {})[ptr] = s.nbytes()
+        if ptr not in skip and ptr not in saved.storages:
+            saved.storages[ptr] = ("weight_copies" if _is_weight_copy(t, ids) else saved.phase, s.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -175,7 +177,8 @@ def count_saved(params, *, exclude=()):
 def _precision(params_dtype: str, compute_dtype: str):
     """(parameter dtype, autocast context): bf16 compute on fp32 parameters runs under autocast."""
     if params_dtype not in DTYPES or compute_dtype not in DTYPES:
-        raise ValueError(f"dtypes must be one of {', '.join(DTYPES)}; got params {params_dtype!r}, compute {compute_dtype!r}")
+        raise ValueError(f"dtypes must be one of {', '.join(DTYPES)}; got params {params_dtype!r}, "
+                         f"compute {compute_dtype!r}")  # fmt: skip
     if params_dtype == compute_dtype:
         return DTYPES[params_dtype], contextlib.nullcontext()
     return DTYPES[params_dtype], torch.autocast("cpu", dtype=DTYPES[compute_dtype])
@@ -222,7 +225,7 @@ def measure_layer(model: HybridLM, layer: int, mode: str, batch: int, seq_len: i
             post.remove()
     del out
     set_recompute(model, "none")
-    return saved.bytes("mixer") if "mixer" in saved.storages else 0, saved.bytes()
+    return saved.bytes("mixer"), saved.bytes()
 
 
 def measure_ends(model: HybridLM, batch: int, seq_len: int, *, masked: bool, params_dtype: str = "float32",
@@ -241,7 +244,7 @@ def measure_ends(model: HybridLM, batch: int, seq_len: int, *, masked: bool, par
         saved.phase = HEAD
         logits = model.head(model.final_norm(h, hidden), model.output_weight())
     del logits
-    return tuple(saved.bytes(k) if k in saved.storages else 0 for k in (EMBEDDING, HEAD))
+    return saved.bytes(EMBEDDING), saved.bytes(HEAD)
 
 
 def measure_loss(kd: Callable, ce: Callable, batch: int, seq_len: int, vocab: int, *, kd_weight: float = 1.0,
@@ -373,8 +376,8 @@ def _fit_rows(params_dtype, compute_dtype, masked, rows) -> ActivationModel:
     fits = {}
     for (kind, mode), data in rows.items():
         phis = [r[0] for r in data]
-        mixer, res_m = _lstsq(phis, [r[1] for r in data])
-        rest, res_r = _lstsq(phis, [r[2] for r in data])
+        mixer, _ = _lstsq(phis, [r[1] for r in data])
+        rest, _ = _lstsq(phis, [r[2] for r in data])
         total = [sum(c * x for c, x in zip(mixer + rest, p + p)) for p in phis]
         measured = [r[1] + r[2] for r in data]
         worst = max(abs(t - m) / max(m, 1) for t, m in zip(total, measured))
@@ -405,7 +408,8 @@ def predict_model(config: HybridConfig, mode: str, batch: int, seq_len: int, *, 
     total = sum(acts.layer_bytes(kind, mode, layer_widths(config, i, tp), batch, seq_len, tp=tp,
                                  sequence_parallel=sequence_parallel)
                 for i, kind in enumerate(config.layer_types))  # fmt: skip
-    return total + sum(acts.layer_bytes(k, "none", layer_widths(config, 0, tp), batch, seq_len) for k in (EMBEDDING, HEAD))
+    ends = layer_widths(config, 0, tp)
+    return total + sum(acts.layer_bytes(kind, "none", ends, batch, seq_len) for kind in (EMBEDDING, HEAD))
 
 
 def _dense_losses(temperature: float = 1.0):
@@ -420,6 +424,9 @@ def _one_rank_group():
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if dist.get_world_size() > 1:  # a collective over other ranks would wait for them
+            raise RuntimeError("the vocab-parallel losses are measured in a lone process; call fit_loss_model "
+                               "before torch.distributed is initialised, or from a one-process run")  # fmt: skip
         yield dist.group.WORLD
         return
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -563,8 +570,8 @@ class MemoryLayout:
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("sequence_parallel=true needs tp > 1; raise tp or turn it off")
         if self.sequence_parallel and self.seq_len % self.tp:
-            raise ConfigError(f"seq_len={self.seq_len} is not a multiple of tp={self.tp} as sequence parallelism needs; "
-                              "pad the sequences or change tp")  # fmt: skip
+            raise ConfigError(f"seq_len={self.seq_len} is not a multiple of tp={self.tp} as sequence parallelism "
+                              "needs; pad the sequences or change tp")  # fmt: skip
         check_tp_divisibility(config, self.tp)
         stage_layer_ranges(config, self.pp)
 
@@ -580,8 +587,8 @@ class MemoryLayout:
         per = cfg.distill.budgets_per_micro_batch if elastic and cfg.distill else 0
         budgets = per or (len(cfg.elastic.budgets) if elastic else 1)
         if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x dp = "
-                              f"{t.micro_batch_size * dp}; change one of them")  # fmt: skip
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size "
+                              f"x dp = {t.micro_batch_size * dp}; change one of them")  # fmt: skip
         fields = dict(tp=p.tp, pp=p.pp, dp=dp, sequence_parallel=p.sequence_parallel,
                       micro_batch_size=t.micro_batch_size, seq_len=seq_len or cfg.data.seq_len,
                       grad_accum=t.global_batch_size // (t.micro_batch_size * dp), recompute=t.recompute,
@@ -595,8 +602,11 @@ class MemoryLayout:
 
 @dataclass(frozen=True)
 class MemoryItem:
+    """One thing a rank holds."""
+
     name: str
     bytes: float
+    """Per GPU."""
     phase: str
     """'static' (held the whole run), 'fwd/bwd' (during a forward/backward) or 'step' (after backward)."""
     note: str = ""
@@ -645,18 +655,20 @@ def estimate_stage(config: HybridConfig, layout: MemoryLayout, pp_rank: int = 0,
     cached = sum(v for k, v in counts.items() if k in cached_weight_names(config, L.recompute, model))
     first, last = pp_rank == 0, pp_rank == L.pp - 1
     b, s = L.micro_batch_size, L.seq_len
-    items = [MemoryItem("student weights", n * _bytes(L.params_dtype), "static", f"{n / 1e9:.3f}B params x {L.params_dtype}")]
+    items = [MemoryItem("student weights", n * _bytes(L.params_dtype), "static",
+                        f"{n / 1e9:.3f}B params x {L.params_dtype}")]  # fmt: skip
     items.append(MemoryItem("gradients", n * 4, "static", "fp32 accumulation"))
     per_param = 8 + (4 if L.params_dtype != "float32" else 0)  # Adam moments (+ fp32 main weights)
     shard = L.dp if L.distributed_optimizer else 1
-    what = "fp32 main weights + 2 Adam moments" if per_param == 12 else "2 Adam moments (the fp32 weights are the main weights)"
+    what = "fp32 main weights + 2 Adam moments" if per_param == 12 else "2 Adam moments (fp32 weights: main)"
     items.append(MemoryItem("optimizer", n * per_param / shard, "static",
                             what + (f", sharded over dp={L.dp}" if shard > 1 else ", replicated")))  # fmt: skip
     if L.teacher_dtype:
-        items.append(MemoryItem("frozen teacher", n * _bytes(L.teacher_dtype), "static", f"{L.teacher_dtype}, TP/PP-sharded"))
+        items.append(MemoryItem("frozen teacher", n * _bytes(L.teacher_dtype), "static",
+                                f"{L.teacher_dtype}, TP/PP-sharded"))  # fmt: skip
     cache = cached * _bytes(L.compute_dtype) if L.params_dtype != L.compute_dtype else 0
-    items.append(MemoryItem("autocast weight cache", cache, "fwd/bwd",
-                            f"{L.compute_dtype} copies of {cached / 1e9:.3f}B linear weights" if cache else "none"))  # fmt: skip
+    note = f"{L.compute_dtype} copies of {cached / 1e9:.3f}B linear weights" if cache else "none"
+    items.append(MemoryItem("autocast weight cache", cache, "fwd/bwd", note))
     acts = fit_activation_model(L.params_dtype, L.compute_dtype, L.elastic)
     per_micro, working = 0.0, 0.0
     for i in stage_layer_ranges(config, L.pp)[pp_rank]:
@@ -681,7 +693,8 @@ def estimate_stage(config: HybridConfig, layout: MemoryLayout, pp_rank: int = 0,
         logit = b * s * v * 4
         if L.teacher_dtype:
             held = L.grad_accum if L.pp > 1 else 1  # pp > 1: every micro-batch's teacher logits before the schedule
-            items.append(MemoryItem("teacher logits", logit * held, "fwd/bwd", f"fp32 (tokens x V/tp), {held} micro-batch(es)"))
+            items.append(MemoryItem("teacher logits", logit * held, "fwd/bwd",
+                                    f"fp32 (tokens x V/tp), {held} micro-batch(es)"))  # fmt: skip
         items.append(MemoryItem("student logits", logit, "fwd/bwd", "fp32 (tokens x V/tp)"))
         coef, _ = fit_loss_model(vocab_parallel=L.tp > 1)
         loss = sum(c * x for c, x in zip(coef, (b * s * v, b * s)))
@@ -732,5 +745,6 @@ def format_table(columns: dict[str, MemoryEstimate], *, capacity: float = 80 * G
     lines.append("-" * len(head))
     lines.append(f"{'peak total':<33}" + "".join(f"{e.total / GB:>{w}.2f}" for e, w in zip(columns.values(), widths)))
     verdict = ["fits" if e.fits(capacity, margin) else "NO FIT" for e in columns.values()]
-    lines.append(f"{f'vs {capacity / GB:.0f} GB - {margin:.0%}':<33}" + "".join(f"{v:>{w}}" for v, w in zip(verdict, widths)))
+    label = f"vs {capacity / GB:.0f} GB - {margin:.0%}"
+    lines.append(f"{label:<33}" + "".join(f"{v:>{w}}" for v, w in zip(verdict, widths)))
     return "\n".join(lines)

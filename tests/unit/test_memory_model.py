@@ -151,3 +151,23 @@ def test_bad_layouts_are_one_line_errors(bad, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         mem.estimate_memory(preset("nemotron-nano-12b-v2"), mem.MemoryLayout(**bad))
     assert "\n" not in str(err.value)
+
+
+def test_layout_from_a_run_config(models):
+    from megatron_elastic.config.schema import (
+        DataConfig, DistillConfig, ElasticConfig, ParallelConfig, RunConfig, TrainConfig,
+    )  # fmt: skip
+
+    cfg = RunConfig(model=models["-M*M"].config, data=DataConfig(seq_len=64, tokenizer_vocab_size=96),
+                    train=TrainConfig(micro_batch_size=2, global_batch_size=16, recompute="selective", precision="bf16"),
+                    parallel=ParallelConfig(tp=2, sequence_parallel=True),
+                    elastic=ElasticConfig(parent="parent", budgets=[1.0, 0.75, 0.5]), distill=DistillConfig())  # fmt: skip
+    cfg.validate()
+    layout = mem.MemoryLayout.from_run_config(cfg, dp=2, params_dtype="bfloat16", distributed_optimizer=True)
+    assert (layout.tp, layout.pp, layout.dp, layout.sequence_parallel) == (2, 1, 2, True)
+    assert (layout.micro_batch_size, layout.seq_len, layout.grad_accum, layout.recompute) == (2, 64, 4, "selective")
+    assert (layout.params_dtype, layout.teacher_dtype, layout.budgets_per_micro_batch) == ("bfloat16", "bfloat16", 3)
+    with pytest.raises(ConfigError, match="global_batch_size=16 is not a multiple of micro_batch_size x dp = 6"):
+        mem.MemoryLayout.from_run_config(cfg, dp=3)
+    plain = mem.MemoryLayout.from_run_config(dataclasses.replace(cfg, elastic=None, distill=None), dp=2)
+    assert plain.teacher_dtype is None and not plain.elastic
