@@ -99,7 +99,8 @@ def test_parameter_gradient_and_optimizer_bytes_of_a_real_step(models):
     assert est.item("autocast weight cache") == sum(2 * p.numel() for n, p in model.named_parameters() if n in cached)
     model.zero_grad(set_to_none=True)
     # bf16 parameters: half the weight bytes, fp32 gradients, fp32 main weights + moments (12 B), sharded over dp
-    bf16 = dataclasses.replace(layout, params_dtype="bfloat16", compute_dtype="bfloat16", dp=4, distributed_optimizer=True)
+    bf16 = dataclasses.replace(layout, params_dtype="bfloat16", compute_dtype="bfloat16", dp=4,
+                               distributed_optimizer=True)  # fmt: skip
     est16 = mem.estimate_memory(model.config, bf16)
     assert est16.item("student weights") == sum(p.to(torch.bfloat16).nbytes for p in params)
     assert est16.item("optimizer") == pytest.approx(est.parameters * 12 / 4)
@@ -158,10 +159,11 @@ def test_layout_from_a_run_config(models):
         DataConfig, DistillConfig, ElasticConfig, ParallelConfig, RunConfig, TrainConfig,
     )  # fmt: skip
 
-    cfg = RunConfig(model=models["-M*M"].config, data=DataConfig(seq_len=64, tokenizer_vocab_size=96),
-                    train=TrainConfig(micro_batch_size=2, global_batch_size=16, recompute="selective", precision="bf16"),
+    train = TrainConfig(micro_batch_size=2, global_batch_size=16, recompute="selective", precision="bf16")
+    cfg = RunConfig(model=models["-M*M"].config, data=DataConfig(seq_len=64, tokenizer_vocab_size=96), train=train,
                     parallel=ParallelConfig(tp=2, sequence_parallel=True),
-                    elastic=ElasticConfig(parent="parent", budgets=[1.0, 0.75, 0.5]), distill=DistillConfig())  # fmt: skip
+                    elastic=ElasticConfig(parent="parent", budgets=[1.0, 0.75, 0.5]),
+                    distill=DistillConfig())  # fmt: skip
     cfg.validate()
     layout = mem.MemoryLayout.from_run_config(cfg, dp=2, params_dtype="bfloat16", distributed_optimizer=True)
     assert (layout.tp, layout.pp, layout.dp, layout.sequence_parallel) == (2, 1, 2, True)
