@@ -128,9 +128,9 @@ def test_the_12b_parameters_per_rank():
     config = preset("nemotron-nano-12b-v2")
     assert sum(mem.rank_parameter_counts(config, tp=1).values()) == 12_310_001_152
     per_rank = sum(mem.rank_parameter_counts(config, tp=8).values())
-    assert per_rank == 1_539_032_384  # 1/8 of everything but the norms (replicated)
-    norms = config.hidden_size * (config.num_layers + 1) + 28 * config.mamba_d_inner
-    assert per_rank == (12_310_001_152 - norms + 28 * config.mamba_d_inner) // 8 + norms - 28 * config.mamba_d_inner
+    assert per_rank == 1_539_032_384
+    replicated = config.hidden_size * (config.num_layers + 1)  # the block pre-norms and the final norm
+    assert per_rank == (12_310_001_152 - replicated) // 8 + replicated
 
 
 def test_sequence_parallelism_divides_the_block_part():
