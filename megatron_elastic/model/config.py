@@ -462,11 +462,37 @@ def _nemotron_nano_12b_v2() -> HybridConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "nemotron-nano-12b-v2": _nemotron_nano_12b_v2}
+def _nemotron_3_nano_30b_a3b() -> HybridConfig:
+    # Nemotron 3 Nano 30B-A3B: 52 layers (23 M, 23 E, 6 *), 128 routed experts (top 6) + a shared expert;
+    # the published shape (Megatron-LM's post-training recipe for the BF16 checkpoint).
+    return HybridConfig(
+        pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+        vocab_size=131072,
+        hidden_size=2688,
+        ffn_hidden_size=1856,
+        num_attention_heads=32,
+        num_query_groups=2,
+        head_dim=128,
+        mamba_num_heads=64,
+        mamba_head_dim=64,
+        mamba_num_groups=8,
+        mamba_state_dim=128,
+        mamba_chunk_size=128,
+        init_std=0.0173,
+        num_moe_experts=128,
+        moe_router_topk=6,
+        moe_ffn_hidden_size=1856,
+        moe_shared_expert_intermediate_size=3712,
+        moe_router_topk_scaling_factor=2.5,
+    )
+
+
+PRESETS = {"tiny": _tiny, "nemotron-nano-12b-v2": _nemotron_nano_12b_v2,
+           "nemotron-3-nano-30b-a3b": _nemotron_3_nano_30b_a3b}  # fmt: skip
 
 
 def preset(name: str) -> HybridConfig:
-    """A named model shape: ``tiny`` (CPU demo and tests) or ``nemotron-nano-12b-v2``."""
+    """A named model shape: ``tiny`` (CPU demo and tests), ``nemotron-nano-12b-v2`` or ``nemotron-3-nano-30b-a3b``."""
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()

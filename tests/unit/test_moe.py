@@ -233,3 +233,20 @@ def test_a_training_step_balances_the_routers(tmp_path):
         step = r.e_score_correction_bias.abs()
         assert step.max() > 0 and torch.all((step == 0) | (step == torch.tensor(0.002)))  # one step of the rate
         assert r.tokens_per_expert.sum() == 0
+
+
+def test_nemotron_3_nano_preset_has_the_published_size_and_round_trips_through_nemotron_h():
+    from megatron_elastic.convert.hf import config_from_hf, config_to_hf
+    from megatron_elastic.model import preset
+
+    cfg = preset("nemotron-3-nano-30b-a3b")
+    total = sum(num_parameters(cfg).values())
+    assert round(total / 1e8) == 316  # "31.6B total parameters"
+    assert (cfg.layer_types.count("M"), cfg.layer_types.count("E"), cfg.layer_types.count("*")) == (23, 23, 6)
+    moe = moe_parameters(cfg)
+    active = total - 23 * (moe["experts"] - 6 * moe["expert"])
+    assert moe["active"] == moe["total"] - 122 * moe["expert"] and 3.5e9 < active < 3.6e9  # "A3B": ~3.5B active
+    hf = config_to_hf(cfg)
+    assert (hf["n_routed_experts"], hf["num_experts_per_tok"], hf["moe_latent_size"]) == (128, 6, None)
+    assert hf["layers_block_type"].count("moe") == 23
+    assert config_from_hf(hf) == cfg
