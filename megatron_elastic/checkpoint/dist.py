@@ -119,13 +119,12 @@ class _Slicer:
                 part.copy_(rank_pieces[key][0])
 
 
-# ---------------------------------------------------------------------- layout
+# ---------------------------------------------------------------------- dist_checkpointing
 def _logger_global_rank(g) -> int:
     # megatron's default order: rank = tp_rank + tp * (dp_rank + dp * pp_rank)
     return (g.pp_size - 1) * g.dp_size * g.tp_size
 
 
-# ---------------------------------------------------------------------- dist_checkpointing
 @dataclass(frozen=True)
 class _Place:
     """Where this process sits in the layout (a lone process: the defaults)."""
@@ -477,6 +476,7 @@ def _load_native(path: Path, model, optimizer, groups, config, router) -> tuple[
     return trainer_state, rng
 
 
+# ---------------------------------------------------------------------- export (the many-in-one parent)
 @dataclass
 class ExportStats:
     """What a streamed export held on one rank, by its own count: the most bytes of export buffers
