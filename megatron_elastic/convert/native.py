@@ -16,6 +16,8 @@ up/down_proj), ``final_norm.weight``, ``output_layer.weight`` (absent when tied)
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +25,15 @@ import torch
 from megatron_elastic.errors import CheckpointError
 from megatron_elastic.model.config import HybridConfig
 from megatron_elastic.model.hybrid import HybridLM
-from megatron_elastic.utils.io import atomic_directory, load_safetensors, read_json, write_json
+from megatron_elastic.utils.io import (
+    TensorSpecs,
+    atomic_directory,
+    load_safetensors,
+    read_json,
+    safetensors_order,
+    write_json,
+    write_safetensors,
+)
 
 META_FILE = "megatron_elastic.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -79,21 +89,47 @@ def load_state_into(model: HybridLM, state: dict[str, torch.Tensor], source: str
     model.load_state_dict(state, strict=True)
 
 
-def save_native(model: HybridLM, dst: str | Path, *, overwrite: bool = False, side_files_from: Path | None = None,
-                extra_files: dict[str, str | bytes] | None = None) -> Path:
-    """Write ``model`` as a native directory, atomically."""
-    from safetensors.torch import save_file
+@dataclass(frozen=True)
+class NativeTensors:
+    """A model given as a stream of its tensors instead of a module: a sharded parent assembles its
+    tensors one at a time (``checkpoint.dist.stream_full_tensors``), so no process holds the whole
+    model. :func:`save_native` writes each tensor as it arrives."""
 
+    config: HybridConfig
+    tensors: Iterable[tuple[str, torch.Tensor]]
+    """(native name, full tensor) in ``safetensors_order(native_tensor_specs(config, dtype))``."""
+    dtype: torch.dtype = torch.float32
+
+
+def native_tensor_specs(config: HybridConfig, dtype: torch.dtype = torch.float32) -> TensorSpecs:
+    """Native name -> (dtype, shape) of every tensor a model of ``config`` writes (no memory allocated)."""
+    with torch.device("meta"):
+        model = HybridLM(config, init=False)
+    return {k: (dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
+
+
+def save_native(model: HybridLM | NativeTensors, dst: str | Path, *, overwrite: bool = False,
+                side_files_from: Path | None = None, extra_files: dict[str, str | bytes] | None = None) -> Path:  # fmt: skip
+    """Write ``model`` (a module, or its tensors as a stream) as a native directory, atomically. The
+    weights are written tensor by tensor (``utils.io.write_safetensors``): no second copy of the model."""
     dst = Path(dst)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values()})
+    if isinstance(model, NativeTensors):
+        config, specs, tensors = model.config, native_tensor_specs(model.config, model.dtype), model.tensors
+        with torch.device("meta"):
+            num_params = HybridLM(config, init=False).num_parameters()
+    else:
+        state = model.state_dict()
+        specs = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+        tensors = ((k, state[k]) for k in safetensors_order(specs))
+        config, num_params = model.config, model.num_parameters()
+    dtypes = sorted({str(d).replace("torch.", "") for d, _ in specs.values()})
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS_FILE, specs, tensors, metadata={"format": "pt"})
         write_json(tmp / META_FILE, {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "model": model.config.to_dict(),
-            "num_parameters": model.num_parameters(),
+            "model": config.to_dict(),
+            "num_parameters": num_params,
             "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         })  # fmt: skip
         if side_files_from is not None:

@@ -64,6 +64,8 @@ def metadata(space, budgets, architecture_for, *, cost_fraction, cfg) -> dict:
 
 
 def save(dst: Path, *, model, router, metadata: dict, ranking: str | None = None, overwrite: bool = True) -> Path:
+    """``model``: the parent, a module or its tensors streamed one at a time (``convert.native.NativeTensors``,
+    a sharded run's export: written as they arrive)."""
     from safetensors.torch import save as st_save
 
     from megatron_elastic.convert.native import save_native

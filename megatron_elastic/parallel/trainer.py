@@ -9,8 +9,9 @@ objective, the metric keys), and replace only what a layout changes:
   parallelism is applied (``parallel.tensor.apply_tensor_parallel``) and the rank keeps its
   pipeline stage (``parallel.pipeline``);
 * the step's execution: at ``pp == 1`` the single-process loop; at ``pp > 1`` megatron-core's 1F1B
-  schedule, one schedule micro-batch per (micro-batch, budget) pair. The frozen teacher runs once per
-  micro-batch (forward-only schedule, same stage split) before the students;
+  schedule, one schedule micro-batch per (micro-batch, budget) pair, each micro-batch's led by a
+  teacher item: the frozen teacher (same stage split) runs forward once per micro-batch inside the
+  student's schedule, and its logits live on the last stage only until that micro-batch's budgets are done;
 * the losses: vocab-parallel cross-entropy and KL (:mod:`parallel.losses`) under ``tp > 1``;
 * gradients: averaged over data-parallel ranks (:mod:`parallel.data`); router gradients (replicated
   on every rank) summed over pipeline stages (each stage back-propagates into the masks its own
@@ -18,13 +19,15 @@ objective, the metric keys), and replace only what a layout changes:
   and TP shards;
 * budgets and Gumbel noise are keyed by the *global* micro-batch index ``micro * dp + dp_rank``, so
   a data-parallel run draws exactly what a single process draws for the same samples;
-* output: metrics, trackers and the many-in-one checkpoint (of the gathered single-device parent)
-  only on the first rank of the last stage; every rank agrees to stop after a signal reaches any of them.
+* output: metrics, trackers and the many-in-one checkpoint only on the first rank of the last stage (a
+  sharded parent streamed there tensor by tensor, never whole); every rank agrees to stop after a
+  signal reaches any of them.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from functools import partial
 
 import torch
@@ -295,38 +298,54 @@ class ParallelElasticTrainer(ParallelMixin, ElasticTrainer):
         allreduce_gradients(router, g.dp)
 
     # ------------------------------------------------------------------ the nested step's execution
+    teacher_logits_peak = 0  # the most teacher logits alive at once on this rank (pp > 1), over the run
+
     def nested_forward_backward(self, tau: float, scale: float, tally: Tally) -> None:
-        """pp == 1: the single-process loop; pp > 1: megatron-core's 1F1B schedule, one schedule
-        micro-batch per (micro-batch, budget) item, after a forward-only teacher pass."""
+        """pp == 1: the single-process loop. pp > 1: megatron-core's 1F1B schedule over, per micro-batch,
+        one teacher item (the frozen teacher, split like the student, run forward only on every stage:
+        ``pipeline.frozen_forward``) and then one item per budget. The last stage keeps the teacher's
+        logits from the teacher item to the micro-batch's last budget and drops them there, so one
+        micro-batch's logits are alive at a time, however many micro-batches the step has."""
         if self.groups.pp_size == 1:
             return super().nested_forward_backward(tau, scale, tally)
+        from megatron_elastic.parallel.pipeline import frozen_forward
+
         tokens_seen = self.consumed_samples * self.cfg.data.seq_len
         batches = self._next_micro_batches()
         chosen = [self.nested.budgets_of(self.step, self.global_micro(m), tokens_seen) for m in range(len(batches))]
-        teacher = self._teacher_logits(batches)
-        items = [(m, b) for m in range(len(batches)) for b in chosen[m]]
+        items = [(m, j) for m in range(len(batches)) for j in range(-1, len(chosen[m]))]  # j = -1: the teacher
+        # The schedule divides every item's loss by len(items); the teacher items add nothing.
+        weight = len(items) / sum(len(c) for c in chosen)
+        teacher: dict[int, torch.Tensor] = {}
+        refs = self.__dict__.setdefault("_teacher_refs", [])
 
         def fwd(item, stage):
-            m, b_idx = item
+            m, j = item
+            tokens, labels = batches[m]
+            if j < 0:
+                self.teacher_forwards += 1
+                with self._autocast():
+                    out, zero_loss = frozen_forward(stage, self.teacher, tokens)
+
+                def keep(logits):
+                    teacher[m] = logits
+                    refs[:] = [r for r in refs if r() is not None] + [weakref.ref(logits)]
+                    self.teacher_logits_peak = max(self.teacher_logits_peak, len(refs))
+                    return zero_loss(), {}
+
+                return out, keep
+            b_idx = chosen[m][j]
             state, cost, rl = self.nested.route(self.step, self.global_micro(m), b_idx, tau, scale)
             with self._autocast():
-                out = stage(batches[m][0], elastic=state)
-            return out, (lambda logits: (self.nested.objective(logits, teacher[m], batches[m][1], b_idx, cost, rl,
-                                                               tally), {}))  # fmt: skip
+                out = stage(tokens, elastic=state)
+
+            def loss(logits):
+                t = teacher.pop(m) if j == len(chosen[m]) - 1 else teacher[m]
+                return self.nested.objective(logits, t, labels, b_idx, cost, rl, tally) * weight, {}
+
+            return out, loss
 
         self._run_schedule(self.model, fwd, items, tokens=batches[0][0])
-
-    def _teacher_logits(self, batches) -> list:
-        """Teacher logits per micro-batch on the last stage (forward-only schedule), one teacher forward each."""
-        self.teacher_forwards += len(batches)
-        out: list = []
-
-        def fwd(item, stage):
-            with torch.no_grad(), self._autocast():
-                return stage(item[0]), (lambda logits: (out.append(logits.detach()) or torch.zeros(()), {}))
-
-        self._run_schedule(self.teacher, fwd, batches, tokens=batches[0][0], forward_only=True)
-        return out
 
     def reduce_means(self, tally: Tally) -> dict[str, float]:
         return self._reduce_sums(tally.sums, tally.counts) if self.is_last_stage else {}
@@ -336,7 +355,21 @@ class ParallelElasticTrainer(ParallelMixin, ElasticTrainer):
         return self._share_metrics(metrics if self.is_last_stage else None)
 
     def export_model(self):
-        from megatron_elastic.checkpoint.dist import gather_full_model
+        """The parent for the many-in-one checkpoint; every rank takes part. Data parallelism only: the
+        model itself on the first rank. Sharded (TP or PP): its tensors, assembled one at a time on the
+        logging rank (:func:`~megatron_elastic.checkpoint.dist.stream_full_tensors`) while it writes
+        them, so no rank holds more than about one full tensor; the other ranks send their pieces here
+        and return None. ``self.export_stats``: this rank's own count of what it held."""
+        g = self.groups
+        if g.pp_size == 1 and g.tp_size == 1:
+            return self.model if g.is_logging_rank else None
+        from megatron_elastic.checkpoint.dist import ExportStats, stream_full_tensors
+        from megatron_elastic.convert.native import NativeTensors
 
-        # the single-device parent on the logging rank, None elsewhere (every rank takes part)
-        return gather_full_model(self.model, self.optimizer, self.groups, self.cfg.model, self.router)
+        self.export_stats = ExportStats()
+        tensors = stream_full_tensors(self.model, g, self.cfg.model, stats=self.export_stats)
+        if g.is_logging_rank:
+            return NativeTensors(self.cfg.model, tensors)  # consumed by manyinone.save
+        for _ in tensors:  # yields nothing here: runs this rank's sends
+            pass
+        return None

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from megatron_elastic.config import RunConfig
+from megatron_elastic.convert.native import NativeTensors
 from megatron_elastic.distill.nested import NestedStep, Tally, means
 from megatron_elastic.elastic import manyinone
 from megatron_elastic.elastic.costs import Cost
@@ -212,8 +213,9 @@ class ElasticTrainer(Trainer):
         return out
 
     # ------------------------------------------------------------------ outputs
-    def export_model(self) -> torch.nn.Module | None:
-        """The single-device parent to write into the many-in-one checkpoint on this rank (None: not here)."""
+    def export_model(self) -> HybridLM | NativeTensors | None:
+        """The single-device parent to write into the many-in-one checkpoint on this rank (None: not
+        here): the model, or its tensors as a stream (a sharded parallel run)."""
         return self.model if self.dp_rank == 0 else None
 
     def on_finished(self) -> None:

@@ -1,12 +1,14 @@
-"""Atomic directory writes and safetensors reading with user-facing errors."""
+"""Atomic directory writes, safetensors reading with user-facing errors, and a streaming safetensors writer."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -95,6 +97,53 @@ def load_safetensors(path: Path, *, dtype: torch.dtype | None = None) -> dict[st
             "corrupt: copy it again or re-run the conversion"
         ) from None
     return out
+
+
+# safetensors' dtype names, in the order its writer places tensors in the file (this dtype order,
+# descending, then by name): U64 first, BOOL last.
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3",
+    torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+    torch.uint32: "U32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+}  # fmt: skip
+_DTYPE_RANK = {d: i for i, d in enumerate(_SAFETENSORS_DTYPES)}
+TensorSpecs = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # name -> (dtype, shape)
+
+
+def safetensors_order(specs: TensorSpecs) -> list[str]:
+    """The order in which a safetensors file holds the tensors of ``specs`` (and its writer wants them)."""
+    return sorted(specs, key=lambda n: (-_DTYPE_RANK[specs[n][0]], n))
+
+
+def write_safetensors(path: Path, specs: TensorSpecs, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                      metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Write one safetensors file from a stream: the header from ``specs`` first, then each tensor's bytes
+    as ``tensors`` yields ``(name, tensor)`` in :func:`safetensors_order`. Only the tensor being written
+    is held (the caller's stream decides what else lives), so a producer can assemble the next tensor
+    after the last one was written and freed. The file equals ``safetensors.torch.save_file`` of the
+    same tensors byte for byte. ``tensors`` is exhausted, so a collective producer runs to its end."""
+    order = safetensors_order(specs)
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        dtype, shape = specs[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    stream = iter(tensors)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in order:
+            got, tensor = next(stream, (None, None))
+            assert got == name, f"tensor stream gave {got!r} where {name!r} comes next"
+            dtype, shape = specs[name]
+            assert tensor.dtype == dtype and tuple(tensor.shape) == shape, (name, tensor.dtype, tuple(tensor.shape))
+            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor  # before the producer makes the next one
+        assert next(stream, None) is None, "tensor stream gave more tensors than the header lists"
 
 
 def contained_path(root: Path, name: object, what: str) -> Path:
