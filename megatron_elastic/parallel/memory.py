@@ -692,9 +692,8 @@ def estimate_stage(config: HybridConfig, layout: MemoryLayout, pp_rank: int = 0,
         v = config.vocab_size // L.tp
         logit = b * s * v * 4
         if L.teacher_dtype:
-            held = L.grad_accum if L.pp > 1 else 1  # pp > 1: every micro-batch's teacher logits before the schedule
-            items.append(MemoryItem("teacher logits", logit * held, "fwd/bwd",
-                                    f"fp32 (tokens x V/tp), {held} micro-batch(es)"))  # fmt: skip
+            # one micro-batch's at a time, also under pp > 1 (the teacher runs inside the students' schedule)
+            items.append(MemoryItem("teacher logits", logit, "fwd/bwd", "fp32 (tokens x V/tp), one micro-batch"))
         items.append(MemoryItem("student logits", logit, "fwd/bwd", "fp32 (tokens x V/tp)"))
         coef, _ = fit_loss_model(vocab_parallel=L.tp > 1)
         loss = sum(c * x for c, x in zip(coef, (b * s * v, b * s)))
