@@ -1,4 +1,5 @@
-"""Atomic directory writes and safetensors reading with user-facing errors."""
+"""Atomic directory writes and safetensors reading (whole files, or blocks of tensors on demand) with
+user-facing errors."""
 
 from __future__ import annotations
 
@@ -95,6 +96,62 @@ def load_safetensors(path: Path, *, dtype: torch.dtype | None = None) -> dict[st
             "corrupt: copy it again or re-run the conversion"
         ) from None
     return out
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """``safe_open(path)``; a missing, truncated or corrupt file is a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} is missing; point at a complete checkpoint directory")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"weights file {str(path)!r} cannot be read ({str(exc).splitlines()[0]}); it is truncated or "
+            "corrupt: copy it again or re-run the conversion"
+        ) from None
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor keys of one safetensors file (its header only)."""
+    with _reading(path) as f:
+        return list(f.keys())
+
+
+class TensorFiles:
+    """Named tensors of safetensors files, read on demand: a block of a tensor (slices along its leading
+    dims) is read through a memory map, so a reader holds only the blocks it asks for.
+
+    Each read maps its file for that read alone: while a mapping lives, every page read through it
+    counts in the process's resident memory, so one long-lived mapping would hold all pages read so far.
+    """
+
+    def __init__(self, entries: dict[str, tuple[Path, str]]):
+        """``entries``: tensor name -> (safetensors file, key of the tensor in that file)."""
+        self.entries = dict(entries)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        """Tensor name -> shape, from the files' headers."""
+        for path in sorted({path for path, _ in self.entries.values()}):
+            with _reading(path) as f:
+                stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            for name, (p, key) in self.entries.items():
+                if p == path:
+                    if key not in stored:
+                        raise CheckpointError(f"weights file {str(path)!r} has no tensor {key!r}; the checkpoint "
+                                              "is incomplete: copy it again or re-run the conversion")  # fmt: skip
+                    self.shapes[name] = stored[key]
+
+    def read_into(self, name: str, block: tuple[slice, ...], out: torch.Tensor) -> None:
+        """Copy ``tensor[block]`` of tensor ``name`` into ``out`` (cast to its dtype)."""
+        path, key = self.entries[name]
+        with _reading(path) as f:
+            view = f.get_slice(key)[block] if block else f.get_tensor(key)  # a view of the mapped file
+        out.copy_(view)
+        del view  # the last reference to the mapping: its pages leave this process
 
 
 def contained_path(root: Path, name: object, what: str) -> Path:
