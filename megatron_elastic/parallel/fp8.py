@@ -66,14 +66,17 @@ def fp8_context(recipe, enabled: bool, amax_group):
 
 def te_linear_factories():
     """(column, row) builders of Transformer Engine linears for the TP context:
-    ``build(in_features, out_features, *, bias, tp_group, mp_config)`` on the current CUDA device."""
+    ``build(in_features, out_features, *, bias, tp_group, mp_config)`` on the current CUDA device (on the
+    meta device inside ``torch.device("meta")``)."""
     te = _te()
 
     def build(mode):
         def make(in_features, out_features, *, bias, tp_group, mp_config):
             tp_size = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
+            # on the meta device while a rank builds its part of a stored parent (parallel.loading)
+            device = "meta" if torch.get_default_device().type == "meta" else "cuda"
             return te.Linear(
-                in_features, out_features, bias=bias, params_dtype=mp_config.params_dtype, device="cuda",
+                in_features, out_features, bias=bias, params_dtype=mp_config.params_dtype, device=device,
                 tp_group=tp_group, tp_size=tp_size, parallel_mode=mode if tp_size > 1 else None,
                 sequence_parallel=False, init_method=lambda w: None,  # weights are copied in
             )  # fmt: skip

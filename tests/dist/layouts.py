@@ -77,8 +77,8 @@ def train(kind: str, root: Path, run_dir: Path, groups=None) -> int:
 
     if kind == "plain":
         return ParallelTrainer(cfg, data, groups=groups).fit().exit_code
-    parent = load_pretrained(cfg.elastic.parent).train()
-    return ParallelElasticTrainer(cfg, data, depth_order=order, parent=parent, groups=groups).fit().exit_code
+    trainer = ParallelElasticTrainer(cfg, data, depth_order=order, parent=cfg.elastic.parent, groups=groups)
+    return trainer.fit().exit_code
 
 
 def _worker(rank: int, port: int, world: int, tp: int, pp: int, root: str, runs: list) -> None:
