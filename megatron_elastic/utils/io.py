@@ -77,27 +77,6 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def load_safetensors(path: Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Read every tensor of one safetensors file; a truncated or corrupt file is a CheckpointError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"weights file {str(path)!r} is missing; point at a complete checkpoint directory")
-    out = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"weights file {str(path)!r} cannot be read ({str(exc).splitlines()[0]}); it is truncated or "
-            "corrupt: copy it again or re-run the conversion"
-        ) from None
-    return out
-
-
 @contextlib.contextmanager
 def _reading(path: Path):
     """``safe_open(path)``; a missing, truncated or corrupt file is a CheckpointError."""
@@ -120,6 +99,16 @@ def safetensors_keys(path: Path) -> list[str]:
     """The tensor keys of one safetensors file (its header only)."""
     with _reading(path) as f:
         return list(f.keys())
+
+
+def load_safetensors(path: Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of one safetensors file; a truncated or corrupt file is a CheckpointError."""
+    out = {}
+    with _reading(path) as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
 
 
 class TensorFiles:

@@ -2,6 +2,8 @@
 (parallel.loading, TP=1), the teacher's cast copy (model.hybrid.cast_copy), and the errors of files
 that do not match their config. The TP / PP shards are checked in tests/dist/test_sharded_load.py."""
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,8 +44,6 @@ def test_cast_copy_is_the_parent_in_another_dtype(native_dir):
     (lambda sd: sd.update({"final_norm.weight": torch.ones(3)}), "tensor 'final_norm.weight' has shape (3,)"),
 ])  # fmt: skip
 def test_files_that_do_not_match_the_config(native_dir, tmp_path, change, needle):
-    import shutil
-
     bad = tmp_path / "bad"
     shutil.copytree(native_dir, bad)
     state = load_file(bad / "model.safetensors")
@@ -52,3 +52,12 @@ def test_files_that_do_not_match_the_config(native_dir, tmp_path, change, needle
     with pytest.raises(CheckpointError) as err:
         load_shards(bad, lambda m: m, dtype=torch.float32, device="cpu", what="elastic.parent")
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_truncated_file(native_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(native_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_shards(bad, lambda m: m, dtype=torch.float32, device="cpu")
