@@ -84,11 +84,10 @@ def run(args) -> int:
         if groups.rank != 0:
             data = build_training_data(cfg, dp_rank=groups.dp_rank, dp_world_size=groups.dp_size, log=lambda m: None)
         if run is not None:
-            from megatron_elastic.api import load_pretrained
             from megatron_elastic.parallel.trainer import ParallelElasticTrainer
 
-            parent = load_pretrained(run.parent).train()
-            trainer = ParallelElasticTrainer(cfg, data, depth_order=run.depth_order, parent=parent, groups=groups)
+            # every rank reads only its own part of the parent's files
+            trainer = ParallelElasticTrainer(cfg, data, depth_order=run.depth_order, parent=run.parent, groups=groups)
         else:
             from megatron_elastic.parallel.trainer import ParallelTrainer
 

@@ -21,7 +21,9 @@ import torch
 from megatron_elastic.errors import CheckpointError
 from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from megatron_elastic.model.hybrid import HybridLM
-from megatron_elastic.utils.io import atomic_directory, contained_path, load_safetensors, read_json, write_json
+from megatron_elastic.utils.io import (
+    TensorFiles, atomic_directory, contained_path, load_safetensors, read_json, safetensors_keys, write_json,
+)  # fmt: skip
 
 from megatron_elastic.convert.native import copy_side_files, load_state_into, stored_dtype
 
@@ -263,27 +265,51 @@ def state_to_hf(state: dict[str, torch.Tensor], *, tied: bool) -> dict[str, torc
     return out
 
 
-def read_hf_weights(src: Path, *, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def hf_weight_files(src: Path) -> dict[str, Path]:
+    """Hugging Face tensor key -> the safetensors file holding it (the index's weight_map, or the keys of
+    the single ``model.safetensors``)."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{str(index)!r} has no weight_map; the index file is corrupt")
-        state = {}
-        shards = [contained_path(src, name, "safetensors shard") for name in weight_map.values()]
-        for shard in sorted(set(shards)):
-            state.update(load_safetensors(shard, dtype=dtype))
-        missing = sorted(set(weight_map) - set(state))
-        if missing:
-            raise CheckpointError(f"{src}: tensors listed in the index are missing from the shards, e.g. {missing[:3]}")
-        return state
+        return {key: contained_path(src, name, "safetensors shard") for key, name in weight_map.items()}
     if (src / "model.safetensors").is_file():
-        return load_safetensors(src / "model.safetensors", dtype=dtype)
+        return {key: src / "model.safetensors" for key in safetensors_keys(src / "model.safetensors")}
     if any(src.glob("*.bin")):
         raise CheckpointError(f"{src}: only PyTorch .bin weights found; re-save the model with safetensors "
                               "(save_pretrained(..., safe_serialization=True))")  # fmt: skip
     raise CheckpointError(f"{src}: no model.safetensors or model.safetensors.index.json; point at a complete "
                           "Hugging Face model directory")  # fmt: skip
+
+
+def read_hf_weights(src: Path, *, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    files = hf_weight_files(src)
+    state = {}
+    for shard in sorted(set(files.values())):
+        state.update(load_safetensors(shard, dtype=dtype))
+    missing = sorted(set(files) - set(state))
+    if missing:
+        raise CheckpointError(f"{src}: tensors listed in the index are missing from the shards, e.g. {missing[:3]}")
+    return state
+
+
+def hf_tensor_files(src: str | Path) -> TensorFiles:
+    """The tensors of a Hugging Face ``nemotron_h`` directory under their native names, read on demand
+    (blocks of a tensor through a memory map); a tied source's output layer reads the embedding."""
+    src = Path(src)
+    entries = {}
+    for key, path in hf_weight_files(src).items():
+        if _IGNORED_HF.match(key):
+            continue
+        new = _rename(key, _HF_TO_NATIVE)
+        if new is None:
+            raise CheckpointError(f"{src}: unexpected tensor {key!r}; is this a nemotron_h checkpoint?")
+        entries[new] = (path, key)
+    tied = read_json(src / "config.json", "Hugging Face config").get("tie_word_embeddings")
+    if "output_layer.weight" not in entries and tied and "embedding.weight" in entries:
+        entries["output_layer.weight"] = entries["embedding.weight"]
+    return TensorFiles(entries)
 
 
 def load_hf(src: str | Path, *, dtype: torch.dtype | None = torch.float32) -> HybridLM:

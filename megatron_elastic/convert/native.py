@@ -26,10 +26,12 @@ from megatron_elastic.errors import CheckpointError
 from megatron_elastic.model.config import HybridConfig
 from megatron_elastic.model.hybrid import HybridLM
 from megatron_elastic.utils.io import (
+    TensorFiles,
     TensorSpecs,
     atomic_directory,
     load_safetensors,
     read_json,
+    safetensors_keys,
     safetensors_order,
     write_json,
     write_safetensors,
@@ -65,11 +67,11 @@ def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def load_state_into(model: HybridLM, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``model``; every missing, unexpected or mis-shaped key is a CheckpointError."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def check_shapes(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], source: str) -> None:
+    """Stored tensor shapes against the ones a model config implies (name -> shape); every missing,
+    unexpected or mis-shaped tensor is a CheckpointError."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -80,13 +82,25 @@ def load_state_into(model: HybridLM, state: dict[str, torch.Tensor], source: str
             f"{source}: weights do not match the model config ({'; '.join(parts)}); the config and the "
             "weights come from different models, or the checkpoint is incomplete"
         )
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+    for key, shape in stored.items():
+        if tuple(shape) != tuple(expected[key]):
             raise CheckpointError(
-                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but the config implies "
-                f"{tuple(expected[key].shape)}; the config and the weights come from different models"
+                f"{source}: tensor {key!r} has shape {tuple(shape)} but the config implies "
+                f"{tuple(expected[key])}; the config and the weights come from different models"
             )
+
+
+def load_state_into(model: HybridLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``; every missing, unexpected or mis-shaped key is a CheckpointError."""
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                 {k: tuple(v.shape) for k, v in state.items()}, source)  # fmt: skip
     model.load_state_dict(state, strict=True)
+
+
+def native_tensor_files(src: str | Path) -> TensorFiles:
+    """The tensors of a native directory, read on demand (blocks of a tensor through a memory map)."""
+    path = Path(src) / WEIGHTS_FILE
+    return TensorFiles({key: (path, key) for key in safetensors_keys(path)})
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ final RMSNorm -> output layer. Single-device PyTorch; parallelism is applied to 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 
@@ -179,3 +180,19 @@ class HybridLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def cast_copy(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """A copy of ``model`` with its floating parameters and buffers in ``dtype`` on ``device``, filled tensor by
+    tensor: the modules are copied around meta tensors first, so no second copy in the source dtype is ever
+    made (a bf16 copy of an fp32 model costs half the model, not one model and a half)."""
+
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        empty = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device="meta")
+        return nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+
+    memo = {id(t): meta(t) for t in [*model.parameters(), *model.buffers()]}
+    out = copy.deepcopy(model, memo).to_empty(device=device)
+    out.load_state_dict(model.state_dict())  # copy_ per tensor, casting
+    return out

@@ -56,7 +56,7 @@ from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, MOE, HybridConf
 from megatron_elastic.model.elastic_state import LayerMask
 from megatron_elastic.model.hybrid import HybridBlock, HybridLM
 from megatron_elastic.model.layout import (
-    MambaLayout, TPComponent, attention_shard, component_layout, mamba_shard, shard_index, shard_slice,
+    MambaLayout, TPComponent, attention_shard, component_layout, mamba_shard, shard_index, shard_pieces, shard_slice,
 )  # fmt: skip
 from megatron_elastic.model.layers import MLP as MLPMixer
 from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mixer, RMSNorm
@@ -726,15 +726,6 @@ def split_tp_state_dict(full: dict, config: HybridConfig, tp_rank: int, tp_size:
     check_tp_divisibility(config, tp_size)
     out = {}
     for name, tensor in full.items():
-        if not torch.is_tensor(tensor):
-            continue
-        pieces = []
-        for c in component_layout(config, name, tensor.dim(), 1):
-            whole = tensor[c.local_slice]
-            if c.shard_axis is None:
-                pieces.append(whole)
-            else:
-                s = shard_slice(whole.shape[c.shard_axis], tp_size, tp_rank)
-                pieces.append(whole.narrow(c.shard_axis, s.start, s.stop - s.start))
-        out[name] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)).clone()
+        if torch.is_tensor(tensor):
+            out[name] = torch.cat([tensor[p] for p in shard_pieces(config, name, tensor.shape, tp_size, tp_rank)])
     return out

@@ -7,7 +7,9 @@ objective, the metric keys), and replace only what a layout changes:
 
 * the model: the single-device model is built on every rank from the same seed, then tensor
   parallelism is applied (``parallel.tensor.apply_tensor_parallel``) and the rank keeps its
-  pipeline stage (``parallel.pipeline``);
+  pipeline stage (``parallel.pipeline``); the elastic parent and its frozen teacher (in the compute
+  dtype) are split the same way on the meta device and each rank reads only its own blocks of the
+  parent's files (``parallel.loading``);
 * the step's execution: at ``pp == 1`` the single-process loop; at ``pp > 1`` megatron-core's 1F1B
   schedule, one schedule micro-batch per (micro-batch, budget) pair, each micro-batch's led by a
   teacher item: the frozen teacher (same stage split) runs forward once per micro-batch inside the
@@ -26,9 +28,9 @@ objective, the metric keys), and replace only what a layout changes:
 
 from __future__ import annotations
 
-import copy
 import weakref
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -81,7 +83,9 @@ class ParallelMixin:
         if g.pp_size > 1:
             from megatron_elastic.parallel.pipeline import build_stage, mcore_pipeline_config
 
+            # stages exchange activations in the parameters' dtype (a bf16 teacher sends bf16)
             mcfg = mcore_pipeline_config(hidden_size=model.config.hidden_size, tp=g.tp_size, pp=g.pp_size,
+                                         dtype=next(model.parameters()).dtype,
                                          sequence_parallel=self.cfg.parallel.sequence_parallel)  # fmt: skip
             model = build_stage(model, g.pp_size, g.pp_rank, mcore_config=mcfg)
         return model
@@ -260,19 +264,26 @@ class ParallelTrainer(ParallelMixin, Trainer):
 
 
 class ParallelElasticTrainer(ParallelMixin, ElasticTrainer):
-    """Elastic nested distillation over a TP x PP x DP layout (teacher split like the student)."""
+    """Elastic nested distillation over a TP x PP x DP layout (student and teacher read split from the files)."""
 
-    def __init__(self, cfg, data, *, depth_order, parent, groups: ParallelGroups):
+    def __init__(self, cfg, data, *, depth_order, parent: str | Path, groups: ParallelGroups):
+        """``parent``: the parent model directory (native or Hugging Face); every rank reads its own part."""
         kw = self._setup_parallel(groups, cfg)
-        self._student = parent
-        # ElasticTrainer deep-copies `_parent` into the teacher: give it the plain single-device
-        # parent (before TP swaps in modules holding process groups), then parallelize the copy.
-        super().__init__(cfg, data, depth_order=depth_order, parent=copy.deepcopy(parent), **kw)
-        self.teacher = self._parallelize(self.teacher).to(self.device).eval().requires_grad_(False)
-        self._parent = None
+        self.parent_dir = Path(parent)
+        super().__init__(cfg, data, depth_order=depth_order, parent=None, **kw)
+
+    def load_parent(self, dtype: torch.dtype):
+        """This rank's part of the parent (its pipeline stage, TP-sharded) in ``dtype`` on the device, read
+        from the parent's files: only this part is ever read or held."""
+        from megatron_elastic.parallel.loading import load_shards
+
+        return load_shards(self.parent_dir, self._parallelize, dtype=dtype, device=self.device, what="elastic.parent")
 
     def build_model(self):
-        return self._parallelize(self._student)
+        return self.load_parent(torch.float32)
+
+    def build_teacher(self):
+        return self.load_parent(self.teacher_dtype())  # from the files too: no copy of the student
 
     def nested_losses(self) -> dict:
         if self.groups.tp_size == 1:

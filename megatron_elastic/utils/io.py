@@ -1,4 +1,5 @@
-"""Atomic directory writes, safetensors reading with user-facing errors, and a streaming safetensors writer."""
+"""Atomic directory writes, safetensors reading (whole files, or blocks of tensors on demand) with
+user-facing errors, and a streaming safetensors writer."""
 
 from __future__ import annotations
 
@@ -78,24 +79,37 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def load_safetensors(path: Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Read every tensor of one safetensors file; a truncated or corrupt file is a CheckpointError."""
+@contextlib.contextmanager
+def _reading(path: Path):
+    """``safe_open(path)``; a missing, truncated or corrupt file is a CheckpointError."""
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} is missing; point at a complete checkpoint directory")
-    out = {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            yield f
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(
             f"weights file {str(path)!r} cannot be read ({str(exc).splitlines()[0]}); it is truncated or "
             "corrupt: copy it again or re-run the conversion"
         ) from None
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor keys of one safetensors file (its header only)."""
+    with _reading(path) as f:
+        return list(f.keys())
+
+
+def load_safetensors(path: Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of one safetensors file; a truncated or corrupt file is a CheckpointError."""
+    out = {}
+    with _reading(path) as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return out
 
 
@@ -144,6 +158,38 @@ def write_safetensors(path: Path, specs: TensorSpecs, tensors: Iterable[tuple[st
             f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             del tensor  # before the producer makes the next one
         assert next(stream, None) is None, "tensor stream gave more tensors than the header lists"
+
+
+class TensorFiles:
+    """Named tensors of safetensors files, read on demand: a block of a tensor (slices along its leading
+    dims) is read through a memory map, so a reader holds only the blocks it asks for.
+
+    Each read maps its file for that read alone: while a mapping lives, every page read through it
+    counts in the process's resident memory, so one long-lived mapping would hold all pages read so far.
+    """
+
+    def __init__(self, entries: dict[str, tuple[Path, str]]):
+        """``entries``: tensor name -> (safetensors file, key of the tensor in that file)."""
+        self.entries = dict(entries)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        """Tensor name -> shape, from the files' headers."""
+        for path in sorted({path for path, _ in self.entries.values()}):
+            with _reading(path) as f:
+                stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            for name, (p, key) in self.entries.items():
+                if p == path:
+                    if key not in stored:
+                        raise CheckpointError(f"weights file {str(path)!r} has no tensor {key!r}; the checkpoint "
+                                              "is incomplete: copy it again or re-run the conversion")  # fmt: skip
+                    self.shapes[name] = stored[key]
+
+    def read_into(self, name: str, block: tuple[slice, ...], out: torch.Tensor) -> None:
+        """Copy ``tensor[block]`` of tensor ``name`` into ``out`` (cast to its dtype)."""
+        path, key = self.entries[name]
+        with _reading(path) as f:
+            view = f.get_slice(key)[block] if block else f.get_tensor(key)  # a view of the mapped file
+        out.copy_(view)
+        del view  # the last reference to the mapping: its pages leave this process
 
 
 def contained_path(root: Path, name: object, what: str) -> Path:

@@ -79,8 +79,7 @@ def train(kind: str, root: Path, run_dir: Path, groups=None, overrides: tuple = 
 
     if kind == "plain":
         return ParallelTrainer(cfg, data, groups=groups).fit().exit_code
-    parent = load_pretrained(cfg.elastic.parent).train()
-    trainer = ParallelElasticTrainer(cfg, data, depth_order=order, parent=parent, groups=groups)
+    trainer = ParallelElasticTrainer(cfg, data, depth_order=order, parent=cfg.elastic.parent, groups=groups)
     code = trainer.fit().exit_code
     stats = getattr(trainer, "export_stats", None)
     export = None if stats is None else {k: getattr(stats, k) for k in ("peak_bytes", "largest_tensor_bytes", "tensors",
