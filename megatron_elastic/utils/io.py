@@ -64,9 +64,10 @@ def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} is missing; point at a complete checkpoint directory")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{what} {str(path)!r} is not valid JSON ({exc}); the file is corrupt or truncated") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5,000-digit number, nesting past the stack
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{what} {str(path)!r} is not valid JSON ({why}); the file is corrupt or truncated") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} {str(path)!r} must hold a JSON object")
     return data
