@@ -36,7 +36,7 @@ def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
                           "e.g. 'M-M*-' (M = Mamba-2, * = attention, - = MLP, | = pipeline-stage boundary)")  # fmt: skip
     if not pattern:
         raise ConfigError(
-            f"layer pattern {pattern!r} is empty; give one symbol per layer, e.g. 'M-M*-' "
+            f"layer pattern {shown(pattern)} is empty; give one symbol per layer, e.g. 'M-M*-' "
             "(M = Mamba-2, * = attention, - = MLP, | = pipeline-stage boundary)"
         )
     layers: list[str] = []
@@ -49,21 +49,21 @@ def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
         elif symbol == STAGE_SEPARATOR:
             if current == 0:
                 raise ConfigError(
-                    f"layer pattern {pattern!r} has an empty pipeline stage at position {pos}; "
+                    f"layer pattern {shown(pattern)} has an empty pipeline stage at position {pos}; "
                     "put at least one layer between '|' separators and none at the ends"
                 )
             stages.append(current)
             current = 0
         elif symbol in _UNSUPPORTED_SYMBOLS:
-            raise ConfigError(f"layer pattern {pattern!r}: {_UNSUPPORTED_SYMBOLS[symbol]}")
+            raise ConfigError(f"layer pattern {shown(pattern)}: {_UNSUPPORTED_SYMBOLS[symbol]}")
         else:
             raise ConfigError(
-                f"layer pattern {pattern!r} has unknown symbol {symbol!r} at position {pos}; "
+                f"layer pattern {shown(pattern)} has unknown symbol {symbol!r} at position {pos}; "
                 "use only M (Mamba-2), * (attention), - (MLP) and | (pipeline-stage boundary)"
             )
     if current == 0:
         raise ConfigError(
-            f"layer pattern {pattern!r} ends with '|' (an empty pipeline stage); remove the trailing '|'"
+            f"layer pattern {shown(pattern)} ends with '|' (an empty pipeline stage); remove the trailing '|'"
         )
     stages.append(current)
     return layers, stages
