@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from megatron_elastic.convert.native import WEIGHTS_FILE, load_state_into, read_native_config
-from megatron_elastic.errors import CheckpointError
+from megatron_elastic.errors import CheckpointError, shown
 from megatron_elastic.utils.io import atomic_directory, fsync_path, load_safetensors, read_json, write_json
 
 LATEST = "latest"
@@ -269,7 +269,12 @@ def validate_checkpoint(path: Path, model_config) -> None:
             f"cannot resume {str(path)!r} into a different model shape ({'; '.join(diffs[:3])}); "
             "use the checkpoint's model config or a new run_dir"
         )
-    read_json(path / "trainer_state.json", "trainer state")
+    state = read_json(path / "trainer_state.json", "trainer state")
+    for key in ("step", "consumed_samples"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"checkpoint {str(path)!r}: trainer_state.json has {key}={shown(value)}, not a count; "
+                                  "it is corrupt: resume from an older step_* directory or start a new run_dir")  # fmt: skip
     if not is_dist_checkpoint(path):
         read_optimizer_and_rng(path, mmap=True)  # a garbage file fails here, before any data is prepared
 

@@ -55,33 +55,39 @@ MAX_INT = 2**53
 
 def parse_yaml(text: str, where: str):
     """``text`` as YAML (safe types only), refused with a one-line ConfigError naming ``where`` when it
-    is nested deeper than :data:`MAX_YAML_DEPTH` or its aliases expand to more than
-    :data:`MAX_YAML_NODES` nodes. The depth is measured on the event stream (no recursion), the
-    expansion on the node graph with each anchored node counted once per use, before any value is built."""
+    is not YAML, is nested deeper than :data:`MAX_YAML_DEPTH` or its aliases expand to more than
+    :data:`MAX_YAML_NODES` nodes."""
     try:
-        depth = 0
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_YAML_DEPTH:
-                    raise ConfigError(f"{where} is nested deeper than {MAX_YAML_DEPTH} levels; a config is a few levels "
-                                      "of sections and lists: fix the file")  # fmt: skip
-            elif isinstance(event, yaml.CollectionEndEvent):
-                depth -= 1
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            _count_nodes(node, {}, set(), where)
-            return loader.construct_document(node)
-        finally:
-            loader.dispose()
+        return _bounded_yaml(text, where)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{where} is not valid YAML{at} ({shown(getattr(exc, 'problem', None) or type(exc).__name__)}); "
                           "fix the syntax") from None  # fmt: skip
+
+
+def _bounded_yaml(text: str, where: str):
+    """:func:`parse_yaml` letting ``yaml.YAMLError`` through. The depth is measured on the event stream
+    (no recursion), the expansion on the node graph with each anchored node counted once per use,
+    before any value is built."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ConfigError(f"{where} is nested deeper than {MAX_YAML_DEPTH} levels; a config is a few levels "
+                                  "of sections and lists: fix the file")  # fmt: skip
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_nodes(node, {}, set(), where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _count_nodes(node, counts: dict, open_: set, where: str) -> int:
@@ -165,10 +171,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"override {shown(key)} has a value of {len(raw):,} characters; give a short value")
     try:
-        value = parse_yaml(raw, f"override {shown(key)}") if raw.strip() else ""
-    except ConfigError as exc:
-        if "not valid YAML" not in str(exc):
-            raise
+        value = _bounded_yaml(raw, f"override {shown(key)}") if raw.strip() else ""
+    except yaml.YAMLError:
         value = raw  # a plain string that happens not to be YAML (e.g. 'a: b: c')
     return parts, value
 
@@ -221,7 +225,7 @@ def _coerce(key: str, value, annotation):
             raise ConfigError(f"{key}={shown(value)} is invalid; it must be true or false")
         return value
     if annotation == "str":
-        if isinstance(value, (dict, list)) or value is None:
+        if isinstance(value, (dict, list, bool)) or value is None:  # true would become 'True'
             raise ConfigError(f"{key}={shown(value)} is invalid; it must be a string")
         return str(value)
     if annotation.startswith(("list", "tuple")):

@@ -96,6 +96,9 @@ def many_with(src: Path, dst: Path, content) -> Path:
     return dst
 
 
+STEP_WORD = json.dumps({"step": "one", "consumed_samples": 8})
+
+
 def deep(n: int) -> str:
     return "[" * n + "]" * n
 
@@ -170,6 +173,7 @@ CASES = [
     ("override-no-equals", lambda s, t: train(s, t, "train.lr"), "bad override 'train.lr'"),
     ("override-deep-value", lambda s, t: train(s, t, "train.lr=" + deep(50_000)), "nested deeper than 32"),
     # ---- train: device, outputs and resume, checked before data
+    ("run-dir-bool", lambda s, t: train(s, t, "run_dir=true"), "run_dir=True is invalid; it must be a string"),
     ("device-cuda-missing", lambda s, t: train(s, t, "train.device=cuda"), "no CUDA device is available"),
     ("run-dir-under-file", lambda s, t: train(s, t, f"run_dir={put(t / 'f', 'x')}/run"), "is a file, not a directory"),
     ("run-dir-is-file", lambda s, t: train(s, t, f"run_dir={put(t / 'f', 'x')}"), "is a file, not a directory"),
@@ -180,6 +184,8 @@ CASES = [
      "rng.pt is unreadable"),
     ("resume-corrupt-trainer-state", lambda s, t: train(s, t, f"run_dir={edited_run(s['run'], t / 'r', 'trainer_state.json', '{x')}"),
      "is not valid JSON"),
+    ("resume-step-word", lambda s, t: train(s, t, f"run_dir={edited_run(s['run'], t / 'r', 'trainer_state.json', STEP_WORD)}"),
+     "trainer_state.json has step='one', not a count"),
     ("resume-corrupt-metadata", lambda s, t: train(s, t, f"run_dir={edited_run(s['run'], t / 'r', 'megatron_elastic.json', b'{')}"),
      "is not valid JSON"),
     ("resume-damaged", lambda s, t: train(s, t, f"run_dir={put_damaged(s['run'], t / 'r')}"), "no usable checkpoint"),
