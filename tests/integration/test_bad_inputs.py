@@ -253,6 +253,8 @@ CASES = [
      "is a file"),
     ("eval-data-nan", lambda s, t: ["eval", "--checkpoint", str(s["many"]), "--out", str(t / "o"),
                                     "data.builtin_max_mb=.nan"], "data.builtin_max_mb=nan is invalid"),
+    ("eval-set-word", lambda s, t: ["eval", "--checkpoint", str(s["many"]), "--out", str(t / "o"), "--set",
+                                    "memory_context=many"], "memory_context='many' is invalid"),
     # ---- profile
     ("profile-seq-len-negative", lambda s, t: ["profile", "tiny", "--out", str(t / "p.json"), "--seq-len", "-1"],
      "--seq-len -1 is invalid"),
