@@ -270,11 +270,12 @@ def validate_checkpoint(path: Path, model_config) -> None:
             "use the checkpoint's model config or a new run_dir"
         )
     state = read_json(path / "trainer_state.json", "trainer state")
-    for key in ("step", "consumed_samples"):
+    for key in ("step", *(["consumed_samples"] if "consumed_samples" in state else [])):  # the counts resume reads
         value = state.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CheckpointError(f"checkpoint {str(path)!r}: trainer_state.json has {key}={shown(value)}, not a count; "
-                                  "it is corrupt: resume from an older step_* directory or start a new run_dir")  # fmt: skip
+            raise CheckpointError(f"checkpoint {str(path)!r}: trainer_state.json has {key}={shown(value)}, not a "
+                                  "count; it is corrupt: resume from an older step_* directory or start a new "
+                                  "run_dir")  # fmt: skip
     if not is_dist_checkpoint(path):
         read_optimizer_and_rng(path, mmap=True)  # a garbage file fails here, before any data is prepared
 

@@ -62,8 +62,8 @@ def parse_yaml(text: str, where: str):
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{where} is not valid YAML{at} ({shown(getattr(exc, 'problem', None) or type(exc).__name__)}); "
-                          "fix the syntax") from None  # fmt: skip
+        problem = shown(getattr(exc, "problem", None) or type(exc).__name__)
+        raise ConfigError(f"{where} is not valid YAML{at} ({problem}); fix the syntax") from None
 
 
 def _bounded_yaml(text: str, where: str):
@@ -103,7 +103,8 @@ def _count_nodes(node, counts: dict, open_: set, where: str) -> int:
     if isinstance(node, yaml.SequenceNode):
         total += sum(_count_nodes(child, counts, open_, where) for child in node.value)
     elif isinstance(node, yaml.MappingNode):
-        total += sum(_count_nodes(k, counts, open_, where) + _count_nodes(v, counts, open_, where) for k, v in node.value)
+        total += sum(_count_nodes(k, counts, open_, where) + _count_nodes(v, counts, open_, where)
+                     for k, v in node.value)  # fmt: skip
     open_.discard(key)
     if total > MAX_YAML_NODES:
         raise ConfigError(f"{where} expands to more than {MAX_YAML_NODES:,} values (anchors and aliases multiply); "
@@ -123,11 +124,13 @@ def read_yaml(path: Path, what: str = "config file"):
                               "give the YAML recipe, not a data file")  # fmt: skip
         data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{where} cannot be read ({exc.strerror or type(exc).__name__}); give a readable YAML file") from None
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{where} cannot be read ({why}); give a readable YAML file") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start}); give a YAML recipe such as configs/tiny.yaml") from None
+        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start}); give a YAML recipe such as "
+                          "configs/tiny.yaml") from None  # fmt: skip
     if "\x00" in text:
         raise ConfigError(f"{where} holds NUL bytes; it is not a YAML text file")
     return parse_yaml(text, where)
@@ -359,10 +362,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = resolve_recipe(path)
         if not path.is_file():
-            raise ConfigError(f"config file {shown(str(path))} does not exist; give a YAML recipe such as configs/tiny.yaml")
+            raise ConfigError(f"config file {shown(str(path))} does not exist; give a YAML recipe such as "
+                              "configs/tiny.yaml")  # fmt: skip
         raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {shown(str(path))} must hold a mapping with sections model/data/train/tracking")
+            raise ConfigError(f"config file {shown(str(path))} must hold a mapping with sections "
+                              "model/data/train/tracking")  # fmt: skip
     return config_from_dict(apply_overrides(raw, list(overrides or [])))
 
 

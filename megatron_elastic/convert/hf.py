@@ -98,7 +98,8 @@ def config_from_hf(hf: dict, *, src: str = "config.json") -> HybridConfig:
     elif hf.get("hybrid_override_pattern"):
         raw = hf["hybrid_override_pattern"]
         if not isinstance(raw, str):
-            raise _unsupported(src, f"hybrid_override_pattern={shown(raw)} is invalid; it must be a string like 'M-M*-'")
+            raise _unsupported(src, f"hybrid_override_pattern={shown(raw)} is invalid; it must be a string like "
+                                    "'M-M*-'")  # fmt: skip
         bad = sorted({s for s in raw if s not in _LEGACY_SYMBOLS})
         if bad:
             raise _unsupported(src, f"hybrid_override_pattern symbols {bad} are not supported (only M, * "

@@ -32,8 +32,9 @@ def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
     ``"M-M*|M-M-"`` -> (``['M','-','M','*','M','-','M','-']``, ``[4, 4]``).
     """
     if not isinstance(pattern, str):
-        raise ConfigError(f"layer pattern {shown(pattern)} is invalid; it must be a string with one symbol per layer, "
-                          "e.g. 'M-M*-' (M = Mamba-2, * = attention, - = MLP, | = pipeline-stage boundary)")  # fmt: skip
+        raise ConfigError(f"layer pattern {shown(pattern)} is invalid; it must be a string with one symbol per "
+                          "layer, e.g. 'M-M*-' (M = Mamba-2, * = attention, - = MLP, | = pipeline-stage "
+                          "boundary)")  # fmt: skip
     if not pattern:
         raise ConfigError(
             f"layer pattern {shown(pattern)} is empty; give one symbol per layer, e.g. 'M-M*-' "

@@ -107,6 +107,18 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))  # fmt: skip
 
 
+def resume(s, t, name, content):
+    return train(s, t, f"run_dir={edited_run(s['run'], t / 'r', name, content)}")
+
+
+def from_hf(s, t, **edits):
+    return ["convert", "from-hf", str(copy(s["hf"], t / "h", **edits)), str(t / "o")]
+
+
+def to_hf(s, t, **edits):
+    return ["convert", "to-hf", str(copy(s["native"], t / "n", **edits)), str(t / "o")]
+
+
 def train(s, t, *extra, config=CONFIG):
     return ["train", "--config", str(config), f"run_dir={t / 'run'}", f"data.cache_dir={t / 'cache'}", *extra]
 
@@ -178,15 +190,15 @@ CASES = [
     ("run-dir-under-file", lambda s, t: train(s, t, f"run_dir={put(t / 'f', 'x')}/run"), "is a file, not a directory"),
     ("run-dir-is-file", lambda s, t: train(s, t, f"run_dir={put(t / 'f', 'x')}"), "is a file, not a directory"),
     ("cache-dir-under-file", lambda s, t: train(s, t, f"data.cache_dir={put(t / 'f', 'x')}/c"), "data.cache_dir"),
-    ("resume-garbage-optimizer", lambda s, t: train(s, t, f"run_dir={edited_run(s['run'], t / 'r', 'optimizer.pt', b'garbage')}"),
+    ("resume-garbage-optimizer", lambda s, t: resume(s, t, 'optimizer.pt', b'garbage'),
      "optimizer.pt is unreadable"),
-    ("resume-garbage-rng", lambda s, t: train(s, t, f"run_dir={edited_run(s['run'], t / 'r', 'rng.pt', b'PK garbage')}"),
+    ("resume-garbage-rng", lambda s, t: resume(s, t, 'rng.pt', b'PK garbage'),
      "rng.pt is unreadable"),
-    ("resume-corrupt-trainer-state", lambda s, t: train(s, t, f"run_dir={edited_run(s['run'], t / 'r', 'trainer_state.json', '{x')}"),
+    ("resume-corrupt-trainer-state", lambda s, t: resume(s, t, 'trainer_state.json', '{x'),
      "is not valid JSON"),
-    ("resume-step-word", lambda s, t: train(s, t, f"run_dir={edited_run(s['run'], t / 'r', 'trainer_state.json', STEP_WORD)}"),
+    ("resume-step-word", lambda s, t: resume(s, t, 'trainer_state.json', STEP_WORD),
      "trainer_state.json has step='one', not a count"),
-    ("resume-corrupt-metadata", lambda s, t: train(s, t, f"run_dir={edited_run(s['run'], t / 'r', 'megatron_elastic.json', b'{')}"),
+    ("resume-corrupt-metadata", lambda s, t: resume(s, t, 'megatron_elastic.json', b'{'),
      "is not valid JSON"),
     ("resume-damaged", lambda s, t: train(s, t, f"run_dir={put_damaged(s['run'], t / 'r')}"), "no usable checkpoint"),
     ("resume-other-shape", lambda s, t: train(s, t, f"run_dir={s['run']}", "model.ffn_hidden_size=256"),
@@ -200,35 +212,22 @@ CASES = [
                                       str(t / "o")], "is not valid JSON"),
     ("hf-deep-json", lambda s, t: ["convert", "from-hf", str(put_file(s["hf"], t / "h", "config.json", deep(100_000))),
                                    str(t / "o")], "is not valid JSON"),
-    ("hf-layers-word", lambda s, t: ["convert", "from-hf", str(copy(s["hf"], t / "h", num_hidden_layers="seven")),
-                                     str(t / "o")], "num_hidden_layers='seven' is invalid"),
-    ("hf-layers-mismatch", lambda s, t: ["convert", "from-hf", str(copy(s["hf"], t / "h", num_hidden_layers=5)),
-                                         str(t / "o")], "num_hidden_layers=5 but the layer pattern has 7"),
-    ("hf-dt-word", lambda s, t: ["convert", "from-hf", str(copy(s["hf"], t / "h", time_step_min="small")),
-                                 str(t / "o")], "time_step_min='small' is invalid"),
-    ("hf-bias-string", lambda s, t: ["convert", "from-hf", str(copy(s["hf"], t / "h", use_conv_bias="false")),
-                                     str(t / "o")], "use_conv_bias='false' is invalid"),
-    ("hf-hidden-huge", lambda s, t: ["convert", "from-hf", str(copy(s["hf"], t / "h", hidden_size=10 ** 20)),
-                                     str(t / "o")], "hidden_size=100000000000000000000 is out of range"),
-    ("hf-hidden-float", lambda s, t: ["convert", "from-hf", str(copy(s["hf"], t / "h", hidden_size=128.0)),
-                                      str(t / "o")], "hidden_size=128.0 is invalid"),
-    ("hf-vocab-missing", lambda s, t: ["convert", "from-hf", str(copy(s["hf"], t / "h", vocab_size=KeyError)),
-                                       str(t / "o")], "lacks 'vocab_size'"),
-    ("hf-eps-infinite", lambda s, t: ["convert", "from-hf", str(copy(s["hf"], t / "h", layer_norm_epsilon=float("inf"))),
-                                      str(t / "o")], "layer_norm_epsilon=inf is invalid"),
+    ("hf-layers-word", lambda s, t: from_hf(s, t, num_hidden_layers="seven"), "num_hidden_layers='seven' is invalid"),
+    ("hf-layers-mismatch", lambda s, t: from_hf(s, t, num_hidden_layers=5), "num_hidden_layers=5 but the layer pattern has 7"),
+    ("hf-dt-word", lambda s, t: from_hf(s, t, time_step_min="small"), "time_step_min='small' is invalid"),
+    ("hf-bias-string", lambda s, t: from_hf(s, t, use_conv_bias="false"), "use_conv_bias='false' is invalid"),
+    ("hf-hidden-huge", lambda s, t: from_hf(s, t, hidden_size=10 ** 20), "hidden_size=100000000000000000000 is out of range"),
+    ("hf-hidden-float", lambda s, t: from_hf(s, t, hidden_size=128.0), "hidden_size=128.0 is invalid"),
+    ("hf-vocab-missing", lambda s, t: from_hf(s, t, vocab_size=KeyError), "lacks 'vocab_size'"),
+    ("hf-eps-infinite", lambda s, t: from_hf(s, t, layer_norm_epsilon=float("inf")), "layer_norm_epsilon=inf is invalid"),
     ("hf-dst-under-file", lambda s, t: ["convert", "from-hf", str(s["hf"]), f"{put(t / 'f', 'x')}/o"], "is a file"),
     ("hf-dst-exists", lambda s, t: ["convert", "from-hf", str(s["hf"]), str(s["native"])], "already exists"),
     # ---- convert to-hf / info / prune: native metadata
-    ("native-dt-limit-word", lambda s, t: ["convert", "to-hf", str(copy(s["native"], t / "n", mamba_dt_limit="abc")),
-                                           str(t / "o")], "model.mamba_dt_limit='abc' is invalid"),
-    ("native-dt-limit-short", lambda s, t: ["convert", "to-hf", str(copy(s["native"], t / "n", mamba_dt_limit=[0.1])),
-                                            str(t / "o")], "model.mamba_dt_limit=[0.1] is invalid"),
-    ("native-hidden-string", lambda s, t: ["convert", "to-hf", str(copy(s["native"], t / "n", hidden_size="128")),
-                                           str(t / "o")], "model.hidden_size='128' is invalid"),
-    ("native-eps-infinite", lambda s, t: ["convert", "to-hf", str(copy(s["native"], t / "n", norm_eps=float("inf"))),
-                                          str(t / "o")], "model.norm_eps=inf is invalid"),
-    ("native-bias-string", lambda s, t: ["convert", "to-hf", str(copy(s["native"], t / "n", mlp_bias="no")),
-                                         str(t / "o")], "model.mlp_bias='no' is invalid"),
+    ("native-dt-limit-word", lambda s, t: to_hf(s, t, mamba_dt_limit="abc"), "model.mamba_dt_limit='abc' is invalid"),
+    ("native-dt-limit-short", lambda s, t: to_hf(s, t, mamba_dt_limit=[0.1]), "model.mamba_dt_limit=[0.1] is invalid"),
+    ("native-hidden-string", lambda s, t: to_hf(s, t, hidden_size="128"), "model.hidden_size='128' is invalid"),
+    ("native-eps-infinite", lambda s, t: to_hf(s, t, norm_eps=float("inf")), "model.norm_eps=inf is invalid"),
+    ("native-bias-string", lambda s, t: to_hf(s, t, mlp_bias="no"), "model.mlp_bias='no' is invalid"),
     ("to-hf-dst-under-file", lambda s, t: ["convert", "to-hf", str(s["native"]), f"{put(t / 'f', 'x')}/o"], "is a file"),
     ("info-pattern-list", lambda s, t: ["info", str(copy(s["native"], t / "n", pattern=["M", "-"]))],
      "layer pattern ['M', '-'] is invalid; it must be a string"),
