@@ -57,12 +57,14 @@ def run(args) -> int:
     from megatron_elastic.training.data_setup import build_training_data
     from megatron_elastic.training.run import check_resume, resolve_elastic_run
     from megatron_elastic.training.trainer import resolve_device
+    from megatron_elastic.utils.io import check_writable
 
     cfg = load_config(args.config, args.overrides)
     run = resolve_elastic_run(cfg) if cfg.elastic is not None else None
     if run is not None:
         cfg = run.cfg
     device = resolve_device(cfg.train.device)
+    check_writable(cfg.run_dir, "run_dir")  # before any rendezvous, data or model
     p = cfg.parallel
     p.resolve_dp(env_world_size())  # the layout must tile the world before anyone waits on a rendezvous
     if p.pp > 1 and device.type != "cuda":

@@ -126,6 +126,8 @@ class TrainConfig:
             raise ConfigError(f"train.device={self.device!r} is invalid; use auto, cpu or cuda")
         if self.recompute not in RECOMPUTE_MODES:
             raise ConfigError(f"train.recompute={self.recompute!r} is invalid; use {', '.join(RECOMPUTE_MODES)}")
+        if not 0 <= self.seed < 2**32:  # NumPy's generators take seeds in [0, 2**32)
+            raise ConfigError(f"train.seed={self.seed} is invalid; give an integer in [0, 2**32)")
 
 
 @dataclass(kw_only=True)

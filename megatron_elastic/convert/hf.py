@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_elastic.errors import CheckpointError
+from megatron_elastic.errors import CheckpointError, shown
 from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from megatron_elastic.model.hybrid import HybridLM
 from megatron_elastic.utils.io import (
@@ -79,7 +79,28 @@ def config_from_hf(hf: dict, *, src: str = "config.json") -> HybridConfig:
         if old in hf and new not in hf:
             hf[new] = hf.pop(old)
     get = lambda k: hf.get(k, HF_DEFAULTS.get(k))  # noqa: E731
+
+    def number(key: str) -> float:
+        value = get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _unsupported(src, f"{key}={shown(value)} is invalid; it must be a finite number")
+        return float(value)
+
+    def flag(key: str) -> bool:
+        value = get(key)
+        if not isinstance(value, bool):
+            raise _unsupported(src, f"{key}={shown(value)} is invalid; it must be true or false")
+        return value
+
+    def whole(key: str, default=None) -> int:
+        value = hf.get(key, default) if default is not None else get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _unsupported(src, f"{key}={shown(value)} is invalid; it must be an integer")
+        return value
+
     types = hf.get("layers_block_type") or hf.get("layer_types")
+    if types and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
+        raise _unsupported(src, f"layers_block_type={shown(types)} is invalid; it must be a list of layer type names")
     if types:
         bad = sorted({t for t in types if t not in _BLOCK_TYPES})
         if bad:
@@ -88,6 +109,9 @@ def config_from_hf(hf: dict, *, src: str = "config.json") -> HybridConfig:
         pattern = "".join(_BLOCK_TYPES[t] for t in types)
     elif hf.get("hybrid_override_pattern"):
         raw = hf["hybrid_override_pattern"]
+        if not isinstance(raw, str):
+            raise _unsupported(src, f"hybrid_override_pattern={shown(raw)} is invalid; it must be a string like "
+                                    "'M-M*-'")  # fmt: skip
         bad = sorted({s for s in raw if s not in _LEGACY_SYMBOLS})
         if bad:
             raise _unsupported(src, f"hybrid_override_pattern symbols {bad} are not supported (only M, *, - "
@@ -103,21 +127,30 @@ def config_from_hf(hf: dict, *, src: str = "config.json") -> HybridConfig:
         warnings.warn("nemotron_h ignores attention_bias (its attention has no bias); ignoring it too")
     if hf.get("num_nextn_predict_layers"):
         warnings.warn("multi-token-prediction layers (num_nextn_predict_layers) are not converted; dropping them")
-    heads = hf["num_attention_heads"]
-    head_dim = get("head_dim") or hf["hidden_size"] // heads
+    for key in ("num_attention_heads", "hidden_size", "vocab_size"):
+        if key not in hf:
+            raise _unsupported(src, f"lacks {key!r}; it is not a complete nemotron_h config")
+    heads, hidden = whole("num_attention_heads"), whole("hidden_size")
+    if heads <= 0:
+        raise _unsupported(src, f"num_attention_heads={heads} is invalid; it must be a positive integer")
+    if "num_hidden_layers" in hf and whole("num_hidden_layers") != len(pattern):
+        raise _unsupported(src, f"num_hidden_layers={hf['num_hidden_layers']} but the layer pattern has {len(pattern)} "
+                                "layers; the config is inconsistent: fix one of them")  # fmt: skip
+    head_dim = get("head_dim") or hidden // heads
     moe = {}
     if MOE in pattern:
         if get("n_shared_experts") != 1:
-            raise _unsupported(src, f"n_shared_experts={get('n_shared_experts')!r} is not supported (nemotron_h "
+            raise _unsupported(src, f"n_shared_experts={shown(get('n_shared_experts'))} is not supported (nemotron_h "
                                     "builds exactly one shared expert)")  # fmt: skip
-        moe = {ours: get(theirs) for theirs, ours in _MOE_KEYS.items()}
-        moe["moe_latent_size"] = hf.get("moe_latent_size") or 0
+        typed = {"routed_scaling_factor": number, "norm_topk_prob": flag}
+        moe = {ours: typed.get(theirs, whole)(theirs) for theirs, ours in _MOE_KEYS.items()}
+        moe["moe_latent_size"] = 0 if hf.get("moe_latent_size") is None else whole("moe_latent_size")
     return HybridConfig(
         **moe,
         pattern=pattern,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf.get("intermediate_size", 21504),
+        vocab_size=whole("vocab_size"),
+        hidden_size=hidden,
+        ffn_hidden_size=whole("intermediate_size", 21504),
         num_attention_heads=heads,
         num_query_groups=get("num_key_value_heads") or heads,
         head_dim=head_dim,
@@ -127,17 +160,17 @@ def config_from_hf(hf: dict, *, src: str = "config.json") -> HybridConfig:
         mamba_state_dim=get("ssm_state_size"),
         mamba_conv_kernel=get("conv_kernel"),
         mamba_chunk_size=get("chunk_size"),
-        mamba_dt_min=float(get("time_step_min")),
-        mamba_dt_max=float(get("time_step_max")),
-        mamba_dt_init_floor=float(get("time_step_floor")),
+        mamba_dt_min=number("time_step_min"),
+        mamba_dt_max=number("time_step_max"),
+        mamba_dt_init_floor=number("time_step_floor"),
         # nemotron_h clamps dt to (time_step_min, inf) whatever time_step_limit says.
-        mamba_dt_limit=(float(get("time_step_min")), math.inf),
-        mamba_conv_bias=bool(get("use_conv_bias")),
-        mamba_proj_bias=bool(get("use_bias")),
-        mlp_bias=bool(get("mlp_bias")),
-        norm_eps=float(get("layer_norm_epsilon")),
-        init_std=float(get("initializer_range")),
-        rescale_prenorm_residual=bool(get("rescale_prenorm_residual")),
+        mamba_dt_limit=(number("time_step_min"), math.inf),
+        mamba_conv_bias=flag("use_conv_bias"),
+        mamba_proj_bias=flag("use_bias"),
+        mlp_bias=flag("mlp_bias"),
+        norm_eps=number("layer_norm_epsilon"),
+        init_std=number("initializer_range"),
+        rescale_prenorm_residual=flag("rescale_prenorm_residual"),
         tie_embeddings=False,  # nemotron_h never ties; a tied source is untied on load
     )
 

@@ -130,6 +130,7 @@ def extract_budgets(checkpoint: str | Path, out: str | Path, *, budget: str | No
     from megatron_elastic.elastic.slicing import extract
     from megatron_elastic.elastic.space import Architecture, child_config
     from megatron_elastic.model.config import num_parameters
+    from megatron_elastic.utils.io import check_writable
 
     ckpt = Path(checkpoint)
     meta = read_metadata(ckpt)
@@ -139,6 +140,7 @@ def extract_budgets(checkpoint: str | Path, out: str | Path, *, budget: str | No
     for path in targets.values():
         if path.exists() and not overwrite:
             raise UserError(f"output directory {str(path)!r} already exists; choose a new path or pass --overwrite")
+        check_writable(path, "output directory")
     plans = {}
     for key in targets:
         arch = Architecture.from_dict(archs[key])

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from megatron_elastic.errors import ConfigError
+from megatron_elastic.errors import ConfigError, shown
 
 MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
 LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP, MOE)
@@ -24,6 +24,9 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 MOE_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
               "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
               "moe_norm_topk_prob", "moe_latent_size")  # fmt: skip
+# Largest size of any one dimension (a tensor extent kernels index with 32-bit integers); the memory
+# check before a model is built catches what is smaller but still does not fit.
+MAX_DIM = 2**31 - 1
 
 
 def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
@@ -31,9 +34,13 @@ def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
 
     ``"M-M*|M-M-"`` -> (``['M','-','M','*','M','-','M','-']``, ``[4, 4]``).
     """
-    if not isinstance(pattern, str) or not pattern:
+    if not isinstance(pattern, str):
+        raise ConfigError(f"layer pattern {shown(pattern)} is invalid; it must be a string with one symbol per "
+                          "layer, e.g. 'M-M*-' (M = Mamba-2, * = attention, - = MLP, | = pipeline-stage "
+                          "boundary)")  # fmt: skip
+    if not pattern:
         raise ConfigError(
-            f"layer pattern {pattern!r} is empty; give one symbol per layer, e.g. 'M-M*-' "
+            f"layer pattern {shown(pattern)} is empty; give one symbol per layer, e.g. 'M-M*-' "
             "(M = Mamba-2, * = attention, - = MLP, | = pipeline-stage boundary)"
         )
     layers: list[str] = []
@@ -46,19 +53,19 @@ def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
         elif symbol == STAGE_SEPARATOR:
             if current == 0:
                 raise ConfigError(
-                    f"layer pattern {pattern!r} has an empty pipeline stage at position {pos}; "
+                    f"layer pattern {shown(pattern)} has an empty pipeline stage at position {pos}; "
                     "put at least one layer between '|' separators and none at the ends"
                 )
             stages.append(current)
             current = 0
         else:
             raise ConfigError(
-                f"layer pattern {pattern!r} has unknown symbol {symbol!r} at position {pos}; "
+                f"layer pattern {shown(pattern)} has unknown symbol {symbol!r} at position {pos}; "
                 "use only M (Mamba-2), * (attention), - (MLP), E (mixture of experts) and | (pipeline-stage boundary)"
             )
     if current == 0:
         raise ConfigError(
-            f"layer pattern {pattern!r} ends with '|' (an empty pipeline stage); remove the trailing '|'"
+            f"layer pattern {shown(pattern)} ends with '|' (an empty pipeline stage); remove the trailing '|'"
         )
     stages.append(current)
     return layers, stages
@@ -181,7 +188,12 @@ class HybridConfig:
     _stages: list[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.mamba_dt_limit = tuple(float(v) for v in self.mamba_dt_limit)  # YAML/JSON give lists
+        limit = self.mamba_dt_limit
+        if isinstance(limit, (str, bytes)) or not isinstance(limit, (list, tuple)) or len(limit) != 2 or \
+                any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in limit):  # fmt: skip
+            raise ConfigError(f"model.mamba_dt_limit={shown(limit)} is invalid; give [low, high] with 0 <= low < high "
+                              "(high may be inf)")  # fmt: skip
+        self.mamba_dt_limit = tuple(float(v) for v in limit)  # YAML/JSON give lists
         self._layers, self._stages = parse_pattern(self.pattern)
         self.validate()
 
@@ -195,7 +207,12 @@ class HybridConfig:
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"model.{name}={value!r} is invalid; it must be a positive integer")
+                raise ConfigError(f"model.{name}={shown(value)} is invalid; it must be a positive integer")
+            if value > MAX_DIM:
+                raise ConfigError(f"model.{name}={shown(value)} is out of range; it must be at most {MAX_DIM:,}")
+        for name in ("mamba_conv_bias", "mamba_proj_bias", "mlp_bias", "rescale_prenorm_residual", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name}={shown(getattr(self, name))} is invalid; it must be true or false")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
@@ -209,8 +226,8 @@ class HybridConfig:
             )
         for name in ("norm_eps", "init_std", "mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"model.{name}={value!r} is invalid; it must be a positive number")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ConfigError(f"model.{name}={shown(value)} is invalid; it must be a positive finite number")
         if self.mamba_dt_min > self.mamba_dt_max:
             raise ConfigError(
                 f"model.mamba_dt_min={self.mamba_dt_min} exceeds model.mamba_dt_max={self.mamba_dt_max}; "
@@ -223,12 +240,13 @@ class HybridConfig:
             count = self._layers.count(symbol)
             if not isinstance(values, (list, tuple)) or len(values) != count:
                 raise ConfigError(
-                    f"model.{name} has {len(values) if isinstance(values, (list, tuple)) else values!r} "
+                    f"model.{name} has {len(values) if isinstance(values, (list, tuple)) else shown(values)} "
                     f"entries but the pattern has {count} {LAYER_NAMES[symbol]} layers; give one per layer"
                 )
             for v in values:
-                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                    raise ConfigError(f"model.{name} contains {v!r}; every entry must be a positive integer")
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_DIM:
+                    raise ConfigError(f"model.{name} contains {shown(v)}; every entry must be a positive integer "
+                                      f"(at most {MAX_DIM:,})")  # fmt: skip
             setattr(self, name, list(values))
         for i in range(len(self._layers)):
             dims = self.layer_dims(i)

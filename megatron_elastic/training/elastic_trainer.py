@@ -46,7 +46,9 @@ def check_same_space(path: Path, space, budgets: list[float]) -> None:
     meta = path / "elastic.json"
     if not meta.is_file():
         return
-    saved = json.loads(meta.read_text())
+    from megatron_elastic.utils.io import read_json
+
+    saved = read_json(meta, "elastic metadata")
     if saved.get("space") != json.loads(json.dumps(space.to_dict())) or saved.get("budgets") != list(budgets):
         raise ConfigError(f"checkpoint {str(path)!r} was trained with another elastic space (choices, budgets or "
                           "depth order differ); resume with the same elastic settings or use a new run_dir")  # fmt: skip

@@ -126,6 +126,8 @@ class Trainer:
         self.restore_loader(state)
         ckpt.set_rng_state(rng)
         self._truncate_metrics(self.step)
+        if self.dp_rank == 0:  # a save killed between moving `latest` and pruning left one too many
+            ckpt.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last, resumed=latest)
         self.resumed_from = latest
         return True
 

@@ -34,6 +34,25 @@ def fsync_tree(root: Path) -> None:
         fsync_path(dirpath)
 
 
+def check_writable(path: str | os.PathLike, what: str, *, kind: str = "directory") -> None:
+    """Refuse (UserError), before any work, an output ``path`` that could not be written: an existing
+    ``path`` of the other kind (a file where a ``kind="directory"`` goes, or the reverse), or a nearest
+    existing ancestor that is a file or not writable. Missing parents are fine (they are created)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != (kind == "directory"):
+        have = "a directory" if path.is_dir() else "a file"
+        raise UserError(f"{what} {str(path)!r} is {have}, not a {kind}; choose another path")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{what} {str(path)!r} cannot be created: {str(ancestor)!r} is a file, not a directory; "
+                        "choose another path")  # fmt: skip
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {str(path)!r} cannot be created: {str(ancestor)!r} is not writable; choose "
+                        "another path or fix its permissions")  # fmt: skip
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
     """Yield a temporary directory next to ``dst``; on success fsync it and rename it to ``dst``.
@@ -44,6 +63,7 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise UserError(f"output directory {str(dst)!r} already exists; choose a new path or remove it")
+    check_writable(dst, "output directory")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
@@ -67,9 +87,10 @@ def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} is missing; point at a complete checkpoint directory")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{what} {str(path)!r} is not valid JSON ({exc}); the file is corrupt or truncated") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5,000-digit number, nesting past the stack
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{what} {str(path)!r} is not valid JSON ({why}); the file is corrupt or truncated") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} {str(path)!r} must hold a JSON object")
     return data
