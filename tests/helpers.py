@@ -1,6 +1,7 @@
 """Helpers several test files share: subprocess runs, the one-line user-error contract, tiny parents
 on disk, random heterogeneous architectures."""
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -71,3 +72,32 @@ def random_arch(config: HybridConfig, rng: random.Random, *, ffn_multiple: int =
 def cli(cli_exe: list[str], *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """The console script with ``args``, as a real subprocess."""
     return run([*cli_exe, *args], cwd=cwd, timeout=timeout)
+
+
+class BatchLoader:
+    """A train loader over a fixed list of (tokens, labels) micro-batches, resumable like the real one."""
+
+    def __init__(self, batches):
+        self.batches, self.pos = batches, 0
+
+    def __next__(self):
+        self.pos += 1
+        return self.batches[self.pos - 1]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+@dataclasses.dataclass
+class BatchData:
+    """What a trainer reads its data from (``train_loader``, ``valid_batches``, ``unigram_baseline``),
+    over in-memory batches: for tests of one step's arithmetic."""
+
+    train_loader: BatchLoader
+    unigram_baseline: float | None = None
+
+    def valid_batches(self, n):
+        return []

@@ -198,33 +198,20 @@ def test_routing_biases_survive_save_and_load(tmp_path):
 def test_a_training_step_balances_the_routers(tmp_path):
     """Trainer wiring: the load-balancing loss is weighted per micro-batch and every router takes one
     bias step of exactly the rate per optimizer step, its counts restarting."""
-    import dataclasses
+    from helpers import BatchData, BatchLoader
 
     from megatron_elastic.config import load_config
     from megatron_elastic.tracking import MultiTracker
     from megatron_elastic.training.trainer import Trainer
 
-    class Loader:
-        def __init__(self, batches):
-            self.batches, self.pos = batches, 0
-
-        def __next__(self):
-            self.pos += 1
-            return self.batches[self.pos - 1]
-
-    @dataclasses.dataclass
-    class Data:
-        train_loader: Loader
-        unigram_baseline: float | None = None
-
-    model = {k: v for k, v in moe_config(pattern="E*E").to_dict().items()}
+    model = moe_config(pattern="E*E").to_dict()
     cfg = load_config("tiny", [f"run_dir={tmp_path}", "train.device=cpu", "train.micro_batch_size=2",
                                "train.global_batch_size=4", "train.moe_aux_loss_coeff=0.01",
                                "train.moe_bias_update_rate=0.002"])  # fmt: skip
     cfg.model = HybridConfig.from_dict(model)
     g = torch.Generator().manual_seed(5)
     tokens = [torch.randint(0, 64, (2, 17), generator=g) for _ in range(2)]
-    trainer = Trainer(cfg, Data(Loader([(t[:, :-1], t[:, 1:]) for t in tokens])), tracker=MultiTracker([]))
+    trainer = Trainer(cfg, BatchData(BatchLoader([(t[:, :-1], t[:, 1:]) for t in tokens])), tracker=MultiTracker([]))
     routers = [m for m in trainer.model.modules() if isinstance(m, TopkRouter)]
     assert [r.aux_loss_coeff for r in routers] == [0.005, 0.005]  # 0.01 over 2 micro-batches
     loss, grad_norm, _ = trainer.train_step()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BatchData, BatchLoader
 
 from megatron_elastic.config import load_config
 from megatron_elastic.convert import save_native
@@ -25,30 +26,6 @@ from megatron_elastic.training.elastic_trainer import ElasticTrainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SEQ, MICRO, ACCUM = 16, 2, 2
-
-
-class _Loader:
-    def __init__(self, batches):
-        self.batches, self.pos = batches, 0
-
-    def __next__(self):
-        self.pos += 1
-        return self.batches[self.pos - 1]
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = state["pos"]
-
-
-@dataclasses.dataclass
-class _Data:
-    train_loader: _Loader
-    unigram_baseline: float | None = None
-
-    def valid_batches(self, n):
-        return []
 
 
 def _batches(vocab: int, n: int):
@@ -89,7 +66,7 @@ def test_one_step_equals_the_hand_written_objective(tmp_path, parent_dir):
     cfg = _cfg(tmp_path, parent_dir)
     torch.manual_seed(0)
     parent = HybridLM(cfg.model)
-    data = _Data(_Loader(_batches(cfg.model.vocab_size, ACCUM)))
+    data = BatchData(BatchLoader(_batches(cfg.model.vocab_size, ACCUM)))
     trainer = _RecordingTrainer(cfg, data, depth_order=None, parent=parent, tracker=MultiTracker([]))
     model, router = copy.deepcopy(trainer.model), copy.deepcopy(trainer.router)
     teacher = copy.deepcopy(trainer.teacher)
