@@ -4,7 +4,6 @@ same masks; the metric keys are the fixed set; a budget's resolved choice honour
 unreachable budget fails with one line."""
 
 import copy
-import dataclasses
 from pathlib import Path
 
 import pytest
