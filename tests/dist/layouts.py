@@ -45,24 +45,25 @@ def make_parent(root: Path) -> None:
     (root / "importance" / "ranking.json").write_text(json.dumps({"depth": {"method": "given", "order": DEPTH_ORDER}}))
 
 
-def config(kind: str, root: Path, run_dir: Path):
+def config(kind: str, root: Path, run_dir: Path, extra: tuple = ()):
     from megatron_elastic.config import load_config
     from megatron_elastic.training.run import resolve_elastic_run
 
     if kind == "plain":
-        return load_config("tiny", [*PLAIN, f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}"]), None
+        return load_config("tiny", [*PLAIN, f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}", *extra]), None
     cfg = load_config("elastic-tiny", [*ELASTIC, f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}",
-                                       f"elastic.parent={root / 'importance' / 'parent'}"])  # fmt: skip
+                                       f"elastic.parent={root / 'importance' / 'parent'}", *extra])  # fmt: skip
     run = resolve_elastic_run(cfg)
     return run.cfg, run.depth_order
 
 
-def train(kind: str, root: Path, run_dir: Path, groups=None) -> int:
-    """Train run ``run_dir`` to the end: the single-process trainers when ``groups`` is None."""
+def train(kind: str, root: Path, run_dir: Path, groups=None, extra: tuple = ()) -> int:
+    """Train run ``run_dir`` to the end: the single-process trainers when ``groups`` is None.
+    ``extra``: config overrides (``train.params_dtype=...``, ``parallel.distributed_optimizer=true``)."""
     from megatron_elastic.api import load_pretrained
     from megatron_elastic.training.data_setup import build_training_data
 
-    cfg, order = config(kind, root, run_dir)
+    cfg, order = config(kind, root, run_dir, extra)
     dp_rank, dp_size = (groups.dp_rank, groups.dp_size) if groups else (0, 1)
     data = build_training_data(cfg, dp_rank=dp_rank, dp_world_size=dp_size, log=lambda m: None)
     if groups is None:
@@ -93,14 +94,28 @@ def _worker(rank: int, port: int, world: int, tp: int, pp: int, root: str, runs:
     try:
         groups = build_groups(tp, pp, device=torch.device("cpu"))
         assert (groups.tp_size, groups.pp_size) == (tp, pp)
-        for kind, run_dir in runs:
-            assert train(kind, Path(root), Path(root) / run_dir, groups) == 0, run_dir
+        for kind, run_dir, *extra in runs:
+            assert train(kind, Path(root), Path(root) / run_dir, groups, tuple(extra)) == 0, run_dir
+    finally:
+        destroy_parallel()
+
+
+def train_one_rank(kind: str, root: Path, run_dir: Path, extra: tuple = ()) -> int:
+    """The parallel trainers in this process as a one-rank layout (a one-process gloo group: DP=1)."""
+    import mcore_cpu_shim
+
+    from megatron_elastic.parallel.groups import build_groups, destroy_parallel
+
+    mcore_cpu_shim.install()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        return train(kind, root, run_dir, build_groups(1, 1, device=torch.device("cpu")), extra)
     finally:
         destroy_parallel()
 
 
 def spawn_layout(root: Path, *, tp: int, pp: int, runs: list, dp: int = 1, timeout: float = 300) -> None:
-    """Train ``runs`` ([(kind, run_dir name)]) on a tp x pp x dp layout of real gloo processes;
+    """Train ``runs`` ([(kind, run_dir name, *config overrides)]) on a tp x pp x dp layout of real gloo processes;
     assert every exit code is 0."""
     world = tp * pp * dp
     spawn_ranks(_worker, world, tp, pp, str(root), runs, world=world, timeout=timeout)
