@@ -112,31 +112,29 @@ class MegatronCoreOptimizer:
                 st["step"] = torch.tensor(float(next(iter(steps))), dtype=torch.float32)
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds: fp32 main parameters (when distinct from the
-        weights), Adam moments and the router's AdamW state."""
+        """Bytes of optimizer state this rank holds: the fp32 main weights that are not the weights
+        themselves (float32 weights are their own main weights), the Adam moments and step counts, and
+        the router's AdamW state."""
+        weights = {p.untyped_storage().data_ptr() for p in self.ddp.module.parameters()}
         seen, total = set(), 0
 
         def add(t):
             nonlocal total
-            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and t.numel():
-                seen.add(t.data_ptr())
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            if key not in seen:
+                seen.add(key)
                 total += t.numel() * t.element_size()
 
-        inner = self.core.optimizer
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if p.dtype == torch.float32 and (self.distributed or p.data_ptr() not in self._weights()):
-                    add(p)
-                for v in inner.state.get(p, {}).values():
-                    add(v)
-        if self.router is not None:
-            for st in self.router.state.values():
-                for v in st.values():
-                    add(v)
+        opts = [self.core.optimizer] + ([self.router] if self.router is not None else [])
+        for opt in opts:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if opt is self.core.optimizer and p.untyped_storage().data_ptr() not in weights:
+                        add(p)
+                    for v in opt.state.get(p, {}).values():
+                        if isinstance(v, torch.Tensor):
+                            add(v)
         return total
-
-    def _weights(self) -> set[int]:
-        return {p.data_ptr() for p in self.ddp.module.parameters()}
 
 
 def build_megatron_optimizer(model: torch.nn.Module, torch_optimizer: torch.optim.AdamW, groups, train_cfg, *,

@@ -7,14 +7,14 @@ train with fp32 main weights, moments and gradient buffer and stay close to the 
 
 import pytest
 import torch
-from layouts import SAVE_AT, STEPS, assert_same_trace, reference_runs, resume_copy, spawn_layout, trace, train_one_rank
+from layouts import SAVE_AT, STEPS, assert_same_trace, resume_copy, spawn_layout, trace, train_one_rank
 
 DOPT = ("parallel.distributed_optimizer=true",)
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return reference_runs(tmp_path_factory.mktemp("dopt"))
+@pytest.fixture
+def root(layout_root):
+    return layout_root
 
 
 def test_distributed_optimizer_dp2_matches_single_process_and_reshards(root):
@@ -72,11 +72,15 @@ def test_bfloat16_weights_keep_fp32_main_weights_moments_and_gradients(root):
         trainer.optimizer_step()
         core = trainer.optimizer.core
         main = [p for group in core.fp32_from_float16_groups for p in group]
+        weights = [p for group in core.float16_groups for p in group]
         assert len(main) == len(params) and {p.dtype for p in main} == {torch.float32}
-        for m, p in zip(main, params):  # the weights are the rounded fp32 main weights
+        assert {id(p) for p in weights} == {id(p) for p in params}
+        for m, p in zip(main, weights):  # the weights are the rounded fp32 main weights
             torch.testing.assert_close(m.to(torch.bfloat16), p.detach(), rtol=0, atol=0)
         moments = [v for st in core.optimizer.state.values() for k, v in st.items() if k.startswith("exp_avg")]
         assert len(moments) == 2 * len(params) and {v.dtype for v in moments} == {torch.float32}
+        # per parameter: fp32 main weight + two fp32 moments; one fp32 step count per tensor
+        assert trainer.optimizer.state_bytes() == 12 * sum(p.numel() for p in params) + 4 * len(params)
     finally:
         destroy_parallel()
     assert train_one_rank("plain", root, root / "bf16", ("train.params_dtype=bfloat16",)) == 0

@@ -2,11 +2,11 @@
 plain and elastic (vocabulary-parallel CE / KD, masks cut per rank from the global state, router
 replicated); the many-in-one parent gathered from the shards matches the single-process one."""
 
-from layouts import assert_same_parent, assert_same_trace, reference_runs, spawn_layout, trace
+from layouts import assert_same_parent, assert_same_trace, spawn_layout, trace
 
 
-def test_tp2_reproduces_single_process(tmp_path):
-    root = reference_runs(tmp_path)
+def test_tp2_reproduces_single_process(layout_root):
+    root = layout_root
     spawn_layout(root, tp=2, pp=1, runs=[("plain", "tp2"), ("elastic", "elastic_tp2")])
     assert_same_trace(trace(root / "tp2"), trace(root / "single"))
     ref = trace(root / "elastic_single")
