@@ -94,22 +94,23 @@ class MegatronCoreOptimizer:
         parameter and state."""
         if is_loading:  # a fresh optimizer has no state yet: the zero state the load fills
             self.core.init_state_fn(self.core.optimizer)
-        return self.core.sharded_state_dict(model_sharded, is_loading=is_loading,
-                                            metadata={"distrib_optim_sharding_type": "dp_reshardable"})  # fmt: skip
+        state = self.core.sharded_state_dict(model_sharded, is_loading=is_loading,
+                                             metadata={"distrib_optim_sharding_type": "dp_reshardable"})  # fmt: skip
+        if self.distributed:  # megatron-core keeps the step only where TE / Apex are absent: keep it here
+            steps = {float(st["step"]) for st in self.core.optimizer.state.values() if "step" in st}
+            state["adam_step"] = steps.pop() if len(steps) == 1 else 0.0
+        return state
 
     @torch.no_grad()
     def load_sharded_state_dict(self, state: dict) -> None:
         """Load what :meth:`sharded_state_dict` describes (filled by dist_checkpointing)."""
         self.core.load_state_dict(state)
         if self.distributed:
-            # With torch's AdamW (no Transformer Engine / Apex) megatron-core restores the step count from
-            # the saved param groups into ONE tensor shared by every parameter, then overwrites it with
-            # the bucket's placeholder step; AdamW increments each parameter's step in place. Give each
-            # its own tensor of the saved count.
-            steps = {g["step"] for g in state["optimizer"]["param_groups"] if "step" in g}
-            assert len(steps) == 1, steps
+            # megatron-core restores the step count into ONE tensor shared by every parameter (and only
+            # without TE / Apex installed), then overwrites it with the bucket's placeholder step; torch's
+            # AdamW increments each parameter's step in place. Give each its own tensor of the saved count.
             for st in self.core.optimizer.state.values():
-                st["step"] = torch.tensor(float(next(iter(steps))), dtype=torch.float32)
+                st["step"] = torch.tensor(float(state["adam_step"]), dtype=torch.float32)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds: the fp32 main weights that are not the weights
