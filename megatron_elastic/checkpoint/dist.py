@@ -364,7 +364,8 @@ def save(ckpt_root: Path, *, step: int, model, optimizer, groups, config, traine
                                   "optimizer": _optimizer_kind(optimizer)}  # common: equal on all ranks
         dc.save(sd, str(tmp), sharded_strategy=_sync_save_strategy())
         if g.is_logging_rank:
-            _write_small_files(tmp, config, trainer_state, config_yaml, extra)
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # train.params_dtype
+            _write_small_files(tmp, config, trainer_state, config_yaml, extra, dtype)
         dist.barrier()
         if place.rank == 0:
             ckpt.write_manifest(tmp, unhashed=(".distcp",))  # the shards: sizes only (GBs per rank at scale)
@@ -383,12 +384,13 @@ def save(ckpt_root: Path, *, step: int, model, optimizer, groups, config, traine
     return dst if g.is_logging_rank else None
 
 
-def _write_small_files(tmp: Path, config, trainer_state: dict, config_yaml: str, extra: dict | None) -> None:
+def _write_small_files(tmp: Path, config, trainer_state: dict, config_yaml: str, extra: dict | None,
+                       dtype: str) -> None:  # fmt: skip
     """What the single-process format holds besides weights, optimizer and RNG (same names)."""
     write_json(tmp / "trainer_state.json", trainer_state)
     write_json(tmp / "megatron_elastic.json", {
         "format": "megatron-elastic-model", "format_version": 1, "model": config.to_dict(),
-        "num_parameters": sum(p.numel() for p in _meta_model(config).parameters()), "dtype": "float32",
+        "num_parameters": sum(p.numel() for p in _meta_model(config).parameters()), "dtype": dtype,
         "weights": "megatron-core dist_checkpointing (torch_dist)",
     })  # fmt: skip
     (tmp / "config.yaml").write_text(config_yaml)
