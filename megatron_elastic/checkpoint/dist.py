@@ -225,7 +225,7 @@ def _process_group():
         dist.destroy_process_group()
 
 
-def is_torch_optimizer(optimizer) -> bool:
+def _is_torch_optimizer(optimizer) -> bool:
     """A torch AdamW (the single-process state format) rather than megatron-core's optimizer."""
     return isinstance(optimizer, torch.optim.Optimizer)
 
@@ -233,7 +233,7 @@ def is_torch_optimizer(optimizer) -> bool:
 def _torch_part(optimizer):
     """The torch AdamW whose state :func:`_entries` writes: the whole optimizer, or the router's
     beside megatron-core's (None: there is none)."""
-    return optimizer if is_torch_optimizer(optimizer) else optimizer.router
+    return optimizer if _is_torch_optimizer(optimizer) else optimizer.router
 
 
 def _megatron_sharded(model, optimizer, place: _Place, *, is_loading: bool) -> dict:
@@ -251,7 +251,7 @@ def _megatron_sharded(model, optimizer, place: _Place, *, is_loading: bool) -> d
 
 
 def _optimizer_kind(optimizer) -> str:
-    if is_torch_optimizer(optimizer):
+    if _is_torch_optimizer(optimizer):
         return "torch"
     return "megatron-core distributed" if optimizer.distributed else "megatron-core"
 
@@ -334,7 +334,7 @@ def save(ckpt_root: Path, *, step: int, model, optimizer, groups, config, traine
 
     g = groups
     trainer_state = {**trainer_state, "layout": _Place.of(g).layout()}
-    if g.tp_size == 1 and g.pp_size == 1 and is_torch_optimizer(optimizer):
+    if g.tp_size == 1 and g.pp_size == 1 and _is_torch_optimizer(optimizer):
         # Data parallelism only: every rank holds exactly the single-process model and optimizer, so
         # the logging rank writes the single-process format (a native model directory that
         # `importance` / `extract` / `load_pretrained` read); sharding would not spread any I/O.
@@ -357,7 +357,7 @@ def save(ckpt_root: Path, *, step: int, model, optimizer, groups, config, traine
         dist.barrier()
         sd = {key: _sharded(key, view, axis, rid, place)
               for key, view, axis, rid in _entries(model, _torch_part(optimizer), config, place)}  # fmt: skip
-        if not is_torch_optimizer(optimizer):
+        if not _is_torch_optimizer(optimizer):
             sd["optimizer"] = _megatron_sharded(model, optimizer, place, is_loading=False)
         sd["rng"] = ShardedObject("rng", ckpt.rng_state(), (place.world,), (place.rank,), replica_id=0)
         sd["megatron_elastic"] = {"layout": place.layout(), "logging_rank": place.logger,
@@ -555,7 +555,7 @@ def load(path: Path, *, model, optimizer, groups, config, router=None) -> tuple[
     if ckpt.is_dist_checkpoint(path):
         with _process_group():
             return _load_dist(path, model, optimizer, config, _Place.of(groups))
-    if not is_torch_optimizer(optimizer):
+    if not _is_torch_optimizer(optimizer):
         raise CheckpointError(f"checkpoint {str(path)!r} holds torch optimizer state but this run uses the "
                               "megatron-core optimizer (train.params_dtype / parallel.distributed_optimizer differ); "
                               "resume with the settings it was written with or use a new run_dir")  # fmt: skip

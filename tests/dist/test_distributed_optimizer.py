@@ -87,7 +87,8 @@ def test_bfloat16_weights_keep_fp32_main_weights_moments_and_gradients(root):
     got, want = trace(root / "bf16"), trace(root / "single")
     # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ~ 2e-3 per weight and activation);
     # with fp32 main weights the rounding does not accumulate over steps, and the mean loss over
-    # 4 x 32 tokens averages it: measured within 2e-3 of the float32 loss (~6.2) over 5 steps.
+    # 4 x 32 tokens averages it: measured within 1.1e-3 of the float32 loss (~6.2) over 5 steps;
+    # asserted with a margin (1e-2, 0.16 % of the loss), far below what a wrong update would cost.
     assert [g["step"] for g in got] == [w["step"] for w in want]
     for g, w in zip(got, want):
         assert g["lr"] == w["lr"]

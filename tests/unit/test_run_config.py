@@ -190,3 +190,14 @@ def test_single_process_trainer_refuses_megatron_core_optimizer_settings(tmp_pat
         Trainer(cfg, data=None)  # before the model is built
     assert "\n" not in str(err.value)
     assert load_config(CONFIGS / "tiny.yaml", ["train.params_dtype=auto"]).train.params_dtype == "auto"
+
+
+def test_params_dtype_auto_is_bfloat16_on_cuda_only():
+    import torch
+
+    from megatron_elastic.training.trainer import resolve_params_dtype
+
+    assert resolve_params_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_params_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_params_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_params_dtype("float32", torch.device("cuda")) == torch.float32
