@@ -58,12 +58,14 @@ def run(args) -> int:
     from megatron_elastic.training.data_setup import build_training_data
     from megatron_elastic.training.run import check_resume, resolve_elastic_run
     from megatron_elastic.training.trainer import resolve_device, resolve_params_dtype
+    from megatron_elastic.utils.io import check_writable
 
     cfg = load_config(args.config, args.overrides)
     run = resolve_elastic_run(cfg) if cfg.elastic is not None else None
     if run is not None:
         cfg = run.cfg
     device = resolve_device(cfg.train.device)
+    check_writable(cfg.run_dir, "run_dir")  # before any rendezvous, data or model
     p = cfg.parallel
     p.resolve_dp(env_world_size())  # the layout must tile the world before anyone waits on a rendezvous
     if p.pp > 1 and device.type != "cuda":
@@ -90,11 +92,10 @@ def run(args) -> int:
         if groups.rank != 0:
             data = build_training_data(cfg, dp_rank=groups.dp_rank, dp_world_size=groups.dp_size, log=lambda m: None)
         if run is not None:
-            from megatron_elastic.api import load_pretrained
             from megatron_elastic.parallel.trainer import ParallelElasticTrainer
 
-            parent = load_pretrained(run.parent).train()
-            trainer = ParallelElasticTrainer(cfg, data, depth_order=run.depth_order, parent=parent, groups=groups)
+            # every rank reads only its own part of the parent's files
+            trainer = ParallelElasticTrainer(cfg, data, depth_order=run.depth_order, parent=run.parent, groups=groups)
         else:
             from megatron_elastic.parallel.trainer import ParallelTrainer
 

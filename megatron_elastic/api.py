@@ -32,10 +32,26 @@ def read_model_config(path: str | Path, *, what: str = "checkpoint"):
         return read_native_config(path)
     if fmt == "hf":
         return config_from_hf(read_json(path / "config.json", "Hugging Face config"), src=str(path))
-    raise CheckpointError(
-        f"{what} {str(path)!r} is not a native or Hugging Face model directory (no megatron_elastic.json, "
-        "no nemotron_h config.json); point at a model directory"
-    )
+    raise _not_a_model(path, what)
+
+
+def _not_a_model(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{what} {str(path)!r} is not a native or Hugging Face model directory (no "
+                           "megatron_elastic.json, no nemotron_h config.json); point at a model directory")  # fmt: skip
+
+
+def open_weights(path: str | Path, *, what: str = "checkpoint"):
+    """The tensors of a native or Hugging Face model directory under their native names, read on demand:
+    a :class:`~megatron_elastic.utils.io.TensorFiles` (blocks of a tensor through a memory map)."""
+    from megatron_elastic.convert.hf import hf_tensor_files
+    from megatron_elastic.convert.native import native_tensor_files
+
+    fmt = model_format(path)
+    if fmt == "native":
+        return native_tensor_files(path)
+    if fmt == "hf":
+        return hf_tensor_files(path)
+    raise _not_a_model(Path(path), what)
 
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = torch.float32):

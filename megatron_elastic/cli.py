@@ -14,6 +14,8 @@ from megatron_elastic.errors import UserError
 from megatron_elastic.version import __version__
 
 DTYPES = ("keep", "float32", "bfloat16", "float16")
+# Characters of an error line at most (values quoted in messages are cut before this, by errors.shown).
+MAX_MESSAGE = 1000
 
 
 def _torch_dtype(name: str):
@@ -22,9 +24,19 @@ def _torch_dtype(name: str):
     return None if name == "keep" else getattr(torch, name)
 
 
-def _check_output(dst: str, overwrite: bool) -> None:
+def _check_output(dst: str, overwrite: bool, *, kind: str = "directory") -> None:
+    """An output path is checked before any work: not there (or --overwrite), and creatable."""
+    from megatron_elastic.utils.io import check_writable
+
     if Path(dst).exists() and not overwrite:
-        raise UserError(f"output directory {dst!r} already exists; choose a new path or pass --overwrite")
+        raise UserError(f"output {kind} {dst!r} already exists; choose a new path or pass --overwrite")
+    check_writable(dst, f"output {kind}", kind=kind)
+
+
+def _positive(flag: str, value: int) -> int:
+    if value is None or value < 1:
+        raise UserError(f"{flag} {value} is invalid; give a positive integer")
+    return value
 
 
 # ---------------------------------------------------------------------- convert
@@ -180,8 +192,9 @@ def cmd_profile(args) -> int:
     from megatron_elastic.model.config import PRESETS, preset
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"output file {args.out!r} already exists; choose a new path or pass --overwrite")
+    _check_output(args.out, args.overwrite, kind="file")
+    for flag, value in (("--seq-len", args.seq_len), ("--batch", args.batch), ("--repeats", args.repeats)):
+        _positive(flag, value)
     if args.model in PRESETS:
         config = preset(args.model)
     else:
@@ -241,6 +254,7 @@ def cmd_importance(args) -> int:
         raise UserError(f"--depth-method={args.depth_method!r} is unknown; use one of {', '.join(DEPTH_METHODS)}")
     if args.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device={args.device!r} is invalid; use auto, cpu or cuda")
+    _check_output(args.out, args.overwrite)
     from megatron_elastic.training.run import rank_and_permute
 
     rank_and_permute(args.checkpoint, args.out, recipe=args.config, overrides=args.overrides, batches=batches,
@@ -397,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"megatron-elastic: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        message = " ".join(str(exc).split())
+        if len(message) > MAX_MESSAGE:  # a value quoted from a file can be huge: the line stays readable
+            message = message[: MAX_MESSAGE - 3] + "..."
+        print(f"megatron-elastic: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("megatron-elastic: interrupted", file=sys.stderr)

@@ -42,8 +42,10 @@ CPU-only build. The subclass writes the same format with ``torch.distributed.che
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,83 +114,25 @@ class _Slicer:
             return {name: (local, None)}
         return {c.key: (local[c.local_slice], c.shard_axis) for c in self.local[name]}
 
-    def assemble(self, name: str, full_shape, per_rank: list[dict]) -> torch.Tensor:
-        """Full tensor of parameter ``name`` from every TP rank's pieces (rank order)."""
-        if self.full is None:
-            return per_rank[0][name][0]
-        out = None
-        for key in per_rank[0]:
-            axis = per_rank[0][key][1]
-            parts = [r[key][0] for r in per_rank]
-            value = parts[0] if axis is None else torch.cat(parts, dim=axis)
-            if out is None:
-                out = torch.empty(full_shape, dtype=value.dtype)
-            out[self.full[key]] = value
-        return out
-
-
-# ---------------------------------------------------------------------- gather
-def _local_payload(model, optimizer, groups, slicer: _Slicer, router=None) -> dict:
-    """This rank's parameters and AdamW state, cut into TP pieces, keyed by global names."""
-    params, state = {}, {}
-    names = _local_names(model, router)
-    for n, p in model.named_parameters():
-        params[n] = {k: (v.detach().cpu(), a) for k, (v, a) in slicer.pieces(n, p.detach()).items()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st:
+    def assemble_into(self, name: str, out: torch.Tensor, per_rank: list[torch.Tensor]) -> None:
+        """Fill the full tensor ``out`` of parameter ``name`` from every TP rank's local tensor (rank
+        order), piece by piece into views of ``out`` (no temporary of a component's size)."""
+        pieces = [self.pieces(name, t) for t in per_rank]
+        for key, (piece, axis) in pieces[0].items():
+            dst = out[self.full[key]]
+            if axis is None:
+                dst.copy_(piece)  # replicated over TP: rank 0's copy
                 continue
-            n = names[id(p)]
-            entry = {"step": st["step"].detach().cpu().clone()}
-            for k in ("exp_avg", "exp_avg_sq"):
-                entry[k] = {kk: (v.detach().cpu(), a) for kk, (v, a) in
-                            (slicer.pieces(n, st[k]) if not n.startswith(ROUTER_PREFIX) else {n: (st[k], None)}).items()}  # fmt: skip
-            state[n] = entry
-    return {"tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "params": params, "state": state}
+            for part, rank_pieces in zip(dst.chunk(self.tp_size, dim=axis), pieces):
+                part.copy_(rank_pieces[key][0])
 
 
-def _gather_to_logger(g, payload):
-    """Payloads of every (tp, pp) rank of data-parallel replica 0, on the logging rank."""
-    if not g.distributed:
-        return [payload]
-    # Every rank takes part (gather_object is a collective over the world); replicas > 0 send None.
-    mine = payload if g.dp_rank == 0 else None
-    dst = _logger_global_rank(g)
-    out = [None] * g.world_size if g.rank == dst else None
-    dist.gather_object(mine, out, dst=dst)
-    return None if out is None else [p for p in out if p is not None]
-
-
+# ---------------------------------------------------------------------- dist_checkpointing
 def _logger_global_rank(g) -> int:
     # megatron's default order: rank = tp_rank + tp * (dp_rank + dp * pp_rank)
     return (g.pp_size - 1) * g.dp_size * g.tp_size
 
 
-def _merge(slicer: _Slicer, config, payloads: list[dict]):
-    """(full parameters by name, full AdamW state by name) from every rank's payload."""
-    meta = dict(_meta_model(config).named_parameters())
-    by_name: dict[str, list[dict]] = {}
-    state_by_name: dict[str, dict[str, list[dict]]] = {}
-    steps: dict[str, torch.Tensor] = {}
-    for pl in sorted(payloads, key=lambda x: (x["pp_rank"], x["tp_rank"])):
-        for n, pieces in pl["params"].items():
-            by_name.setdefault(n, []).append(pieces)
-        for n, entry in pl["state"].items():
-            steps[n] = entry["step"]
-            for k in ("exp_avg", "exp_avg_sq"):
-                state_by_name.setdefault(n, {}).setdefault(k, []).append(entry[k])
-    params = {n: slicer.assemble(n, meta[n].shape, per_rank) for n, per_rank in by_name.items()}
-    state = {}
-    for n, moments in state_by_name.items():
-        if n.startswith(ROUTER_PREFIX):
-            state[n] = {"step": steps[n], **{k: v[0][n][0] for k, v in moments.items()}}
-        else:
-            state[n] = {"step": steps[n], **{k: slicer.assemble(n, meta[n].shape, v) for k, v in moments.items()}}
-    return params, state
-
-
-# ---------------------------------------------------------------------- dist_checkpointing
 @dataclass(frozen=True)
 class _Place:
     """Where this process sits in the layout (a lone process: the defaults)."""
@@ -591,17 +535,108 @@ def _load_native(path: Path, model, optimizer, groups, config, router) -> tuple[
     return trainer_state, rng
 
 
-def gather_full_model(model, optimizer, groups, config, router=None) -> HybridLM | None:
-    """The single-device model with the current weights, on the logging rank (None elsewhere); collective.
-    ``model`` / ``optimizer``: this rank's pieces; ``config``: the model config."""
+# ---------------------------------------------------------------------- export (the many-in-one parent)
+@dataclass
+class ExportStats:
+    """What a streamed export held on one rank, by its own count: the most bytes of export buffers
+    alive at once (gathered TP pieces, an assembled tensor, a received one, its CPU copy; the live
+    parameters themselves are not counted) against the largest single tensor of the model."""
+
+    peak_bytes: int = 0
+    largest_tensor_bytes: int = 0
+    tensors: int = 0  # tensors this rank yielded (the writer: all of them)
+    held_bytes: int = 0
+
+    def hold(self, *tensors: torch.Tensor) -> None:
+        self.held_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+
+    def release(self, *tensors: torch.Tensor) -> None:
+        self.held_bytes -= sum(t.numel() * t.element_size() for t in tensors)
+
+
+def stream_full_tensors(model, groups, config, *,
+                        stats: ExportStats | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """The single-device model's tensors, assembled one at a time from this layout's pieces; collective:
+    every rank must exhaust it. Yields ``(native name, full CPU tensor)`` on the logging rank, in the
+    order its safetensors file holds them (``utils.io.safetensors_order``), and nothing elsewhere.
+
+    Per tensor: the TP ranks of the stage holding it (data-parallel replica 0) gather their local
+    tensors onto their first rank, which fills the full tensor; a stage other than the last sends it
+    to the logging rank (the first rank of the last stage, in its pipeline group). So a rank holds at
+    most one full tensor and its TP pieces (plus the CPU copy on a GPU), whatever the model's size,
+    and nothing of the optimizer is read: the many-in-one checkpoint holds weights only.
+    ``model``: this rank's part; ``config``: the model config; ``stats``: filled with this rank's peak."""
+    from megatron_elastic.convert.native import native_tensor_specs
+    from megatron_elastic.utils.io import safetensors_order
+
     g = groups
-    if g.pp_size == 1 and g.tp_size == 1:
-        return model if g.is_logging_rank else None
+    stats = stats if stats is not None else ExportStats()
+    specs = native_tensor_specs(config)
+    stats.largest_tensor_bytes = max(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
+    if g.dp_rank != 0:
+        return  # a data-parallel replica holds copies of replica 0's pieces
+    local = dict(model.named_parameters())
+    owners = [sorted(local)]
+    if g.pp_size > 1:
+        owners = [None] * g.pp_size
+        dist.all_gather_object(owners, sorted(local), group=g.pp)  # names only
+    owner_of = {n: stage for stage, names in enumerate(owners) for n in names}
     slicer = _Slicer(model, g, config)
-    payloads = _gather_to_logger(g, _local_payload(model, optimizer, g, slicer, router))
-    if payloads is None:
-        return None
-    params, _ = _merge(slicer, config, payloads)
-    full = HybridLM(config, init=False)
-    full.load_state_dict({n: params[n] for n, _ in full.named_parameters()}, strict=False)
-    return full
+    last = g.pp_size - 1
+    for name in safetensors_order(specs):
+        dtype, shape = specs[name]
+        assert name in owner_of, f"no pipeline stage holds {name!r}"
+        stage, full, held = owner_of[name], None, False
+        if stage == g.pp_rank:
+            full, held = _gather_full(name, local[name].detach(), shape, dtype, slicer, g, stats)
+        if stage != last and g.tp_rank == 0:
+            if g.pp_rank == stage:
+                dist.send(full, dst=dist.get_global_rank(g.pp, last))
+                if held:
+                    stats.release(full)
+                del full
+                continue
+            if g.pp_rank == last:
+                full, held = torch.empty(shape, dtype=dtype, device=g.device), True
+                stats.hold(full)
+                dist.recv(full, src=dist.get_global_rank(g.pp, stage))
+        if not g.is_logging_rank:
+            continue
+        out = full.to("cpu", dtype)
+        if out is not full:
+            stats.hold(out)
+            if held:
+                stats.release(full)
+            held = True
+        del full
+        stats.tensors += 1
+        yield name, out
+        if held:
+            stats.release(out)
+        del out
+
+
+def _gather_full(name, p, shape, dtype, slicer: _Slicer, g, stats: ExportStats) -> tuple[torch.Tensor | None, bool]:
+    """(Parameter ``name``'s full tensor on the stage's first TP rank, None on the others; whether it is
+    a new buffer): gathered and filled when TP shards it, else the rank's own parameter."""
+    sharded = slicer.local is not None and any(c.shard_axis is not None for c in slicer.local.get(name, ()))
+    if not sharded:
+        if g.tp_rank != 0:
+            return None, False
+        full = p.to(dtype)
+        if full is not p:
+            stats.hold(full)
+        return full, full is not p
+    parts = [torch.empty_like(p) for _ in range(g.tp_size)] if g.tp_rank == 0 else None
+    if parts is not None:
+        stats.hold(*parts)
+    dist.gather(p.contiguous(), parts, dst=dist.get_global_rank(g.tp, 0), group=g.tp)
+    if parts is None:
+        return None, False
+    full = torch.empty(shape, dtype=dtype, device=p.device)
+    stats.hold(full)
+    slicer.assemble_into(name, full, parts)
+    stats.release(*parts)
+    del parts
+    return full, True

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from megatron_elastic.convert.native import WEIGHTS_FILE, load_state_into, read_native_config
-from megatron_elastic.errors import CheckpointError
+from megatron_elastic.errors import CheckpointError, shown
 from megatron_elastic.utils.io import atomic_directory, fsync_path, load_safetensors, read_json, write_json
 
 LATEST = "latest"
@@ -58,12 +58,13 @@ def step_dirname(step: int) -> str:
 _NUMPY_ARRAY = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
 
 
-def load_torch_state(path: Path):
+def load_torch_state(path: Path, *, mmap: bool = False):
     """An optimizer or RNG state written with ``torch.save``, read with ``weights_only=True``: tensors,
     numbers, strings and containers, and NumPy's array reconstruction; any other global in the file
-    (code that a checkpoint received from elsewhere could run) fails with ``pickle.UnpicklingError``."""
+    (code that a checkpoint received from elsewhere could run) fails with ``pickle.UnpicklingError``.
+    ``mmap``: tensors stay on disk (mapped, not read), so checking a file costs its pickle only."""
     with torch.serialization.safe_globals(list(_NUMPY_ARRAY)):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def unreadable_state_error(path: Path, name: str, exc: BaseException) -> CheckpointError:
@@ -201,7 +202,18 @@ def publish(ckpt_root: Path, name: str, keep_last: int) -> None:
     """Point ``latest`` at the complete checkpoint ``name``, then prune old and stale ones."""
     _write_pointer(ckpt_root, name)
     # Prune only after the new checkpoint is complete and pointed to.
+    prune_checkpoints(ckpt_root, keep_last)
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int, *, resumed: Path | None = None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and the temporary files of interrupted saves.
+    After each save, and at start-up with ``resumed`` (the checkpoint a run resumes from): that finishes
+    a save killed between moving ``latest`` and pruning. At start-up only when ``resumed`` is the newest
+    checkpoint: after a fall-back to an older one nothing is deleted (the damaged newer ones stay for
+    inspection, and counting them must not remove the one resumed)."""
     existing = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    if resumed is not None and (not existing or existing[-1].name != Path(resumed).name):
+        return
     for old in existing[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".step_*.tmp-*"):  # left by a run killed mid-save
@@ -257,7 +269,15 @@ def validate_checkpoint(path: Path, model_config) -> None:
             f"cannot resume {str(path)!r} into a different model shape ({'; '.join(diffs[:3])}); "
             "use the checkpoint's model config or a new run_dir"
         )
-    read_json(path / "trainer_state.json", "trainer state")
+    state = read_json(path / "trainer_state.json", "trainer state")
+    for key in ("step", *(["consumed_samples"] if "consumed_samples" in state else [])):  # the counts resume reads
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"checkpoint {str(path)!r}: trainer_state.json has {key}={shown(value)}, not a "
+                                  "count; it is corrupt: resume from an older step_* directory or start a new "
+                                  "run_dir")  # fmt: skip
+    if not is_dist_checkpoint(path):
+        read_optimizer_and_rng(path, mmap=True)  # a garbage file fails here, before any data is prepared
 
 
 def load_native(path: Path, *, model, optimizer) -> tuple[dict, dict]:
@@ -275,14 +295,14 @@ def load_native(path: Path, *, model, optimizer) -> tuple[dict, dict]:
     return trainer_state, rng
 
 
-def read_optimizer_and_rng(path: Path) -> tuple[dict, dict]:
+def read_optimizer_and_rng(path: Path, *, mmap: bool = False) -> tuple[dict, dict]:
     """optimizer.pt and rng.pt of a single-process checkpoint, read safely (:func:`load_torch_state`)."""
     import pickle
 
     out = []
     for name in ("optimizer.pt", "rng.pt"):
         try:
-            state = load_torch_state(path / name)
+            state = load_torch_state(path / name, mmap=mmap)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError) as exc:
             raise unreadable_state_error(path, name, exc) from None
         if not isinstance(state, dict):

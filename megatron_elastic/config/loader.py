@@ -1,7 +1,12 @@
 """YAML recipes with dotted command-line overrides -> a validated :class:`RunConfig`.
 
 ``load_config("configs/tiny.yaml", ["train.lr=3e-4", "model.hidden_size=256"])``. Unknown keys are
-errors that suggest the nearest valid key; values are checked against the field types.
+errors that suggest the nearest valid key; values are checked against the field types (floats finite,
+integers within :data:`MAX_INT`).
+
+Config files are untrusted input: :func:`read_yaml` reads bytes first and refuses, in one line, a file
+that is too large, not UTF-8, nested too deeply or whose anchors would expand past a bound (a "billion
+laughs" file is a few hundred bytes), before anything is built from it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from megatron_elastic.config.schema import (
     TrackingConfig,
     TrainConfig,
 )
-from megatron_elastic.errors import ConfigError
+from megatron_elastic.errors import ConfigError, shown
 from megatron_elastic.model.config import HybridConfig, preset
 from megatron_elastic.utils.redact import redact
 
@@ -38,6 +43,97 @@ NESTED_SECTIONS = {"FP8Config": FP8Config}
 RENAMED_KEYS = {"parallel.fp8": "parallel.fp8.enabled",
                 **{f"parallel.fp8_{name}": f"parallel.fp8.{name}" for name in ("format", "recipe", "amax_history_len",
                                                                               "amax_compute_algo", "margin", "bf16_layers")}}  # fmt: skip
+
+
+# Bounds on a config file (a recipe is a few kilobytes; these leave room for long per-layer lists).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
+# No integer setting is meaningful beyond this (steps, sizes, tokens: 2**53 is 9e15); larger ones overflow later.
+MAX_INT = 2**53
+
+
+def parse_yaml(text: str, where: str):
+    """``text`` as YAML (safe types only), refused with a one-line ConfigError naming ``where`` when it
+    is not YAML, is nested deeper than :data:`MAX_YAML_DEPTH` or its aliases expand to more than
+    :data:`MAX_YAML_NODES` nodes."""
+    try:
+        return _bounded_yaml(text, where)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = shown(getattr(exc, "problem", None) or type(exc).__name__)
+        raise ConfigError(f"{where} is not valid YAML{at} ({problem}); fix the syntax") from None
+
+
+def _bounded_yaml(text: str, where: str):
+    """:func:`parse_yaml` letting ``yaml.YAMLError`` through. The depth is measured on the event stream
+    (no recursion), the expansion on the node graph with each anchored node counted once per use,
+    before any value is built."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ConfigError(f"{where} is nested deeper than {MAX_YAML_DEPTH} levels; a config is a few levels "
+                                  "of sections and lists: fix the file")  # fmt: skip
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_nodes(node, {}, set(), where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _count_nodes(node, counts: dict, open_: set, where: str) -> int:
+    """Nodes of ``node`` with every alias expanded (memoised per node, so linear in the file); over the
+    bound, or an anchor used inside itself, is a ConfigError. Recursion is bounded by the depth check."""
+    key = id(node)
+    if key in counts:
+        return counts[key]
+    if key in open_:
+        raise ConfigError(f"{where} has an anchor used inside itself (a recursive alias); remove the alias")
+    open_.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_count_nodes(child, counts, open_, where) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_count_nodes(k, counts, open_, where) + _count_nodes(v, counts, open_, where)
+                     for k, v in node.value)  # fmt: skip
+    open_.discard(key)
+    if total > MAX_YAML_NODES:
+        raise ConfigError(f"{where} expands to more than {MAX_YAML_NODES:,} values (anchors and aliases multiply); "
+                          "write the values out instead of nesting aliases")  # fmt: skip
+    counts[key] = total
+    return total
+
+
+def read_yaml(path: Path, what: str = "config file"):
+    """The YAML document in ``path``, read as bytes first: over :data:`MAX_CONFIG_BYTES`, not UTF-8, or
+    beyond :func:`parse_yaml`'s bounds is a one-line ConfigError."""
+    where = f"{what} {shown(str(path))}"
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where} has {size:,} bytes, more than a config may ({MAX_CONFIG_BYTES:,}); "
+                              "give the YAML recipe, not a data file")  # fmt: skip
+        data = path.read_bytes()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{where} cannot be read ({why}); give a readable YAML file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start}); give a YAML recipe such as "
+                          "configs/tiny.yaml") from None  # fmt: skip
+    if "\x00" in text:
+        raise ConfigError(f"{where} holds NUL bytes; it is not a YAML text file")
+    return parse_yaml(text, where)
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -62,10 +158,10 @@ def _renamed(key: str) -> ConfigError:
                        "(the FP8 settings are the parallel.fp8 section)")  # fmt: skip
 
 
-def _unknown(key: str) -> ConfigError:
-    near = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+def _unknown(key) -> ConfigError:
+    near = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6) if isinstance(key, str) else []
     hint = f"; did you mean {near[0]!r}?" if near else "; see configs/tiny.yaml for the valid keys"
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {shown(key)}{hint}")
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -74,58 +170,91 @@ def parse_override(text: str) -> tuple[list[str], object]:
     key = key.strip()
     parts = key.split(".")
     if not sep or not key or any(not p for p in parts):
-        raise ConfigError(f"bad override {text!r}; write section.key=value, e.g. train.lr=3e-4")
+        raise ConfigError(f"bad override {shown(text)}; write section.key=value, e.g. train.lr=3e-4")
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"override {shown(key)} has a value of {len(raw):,} characters; give a short value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _bounded_yaml(raw, f"override {shown(key)}") if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
+        value = raw  # a plain string that happens not to be YAML (e.g. 'a: b: c')
     return parts, value
+
+
+def finite_number(key: str, value) -> float:
+    """A finite float from a YAML number or a numeric string ('3e-4'); NaN and infinity are refused (an
+    infinite learning rate trains to NaN, a NaN one fails inside the optimizer)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={shown(value)} is invalid; it must be a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={shown(value)} is invalid; it must be a number")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ConfigError(f"{key}={shown(value)} is out of range; give a finite number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value} is invalid; it must be a finite number")
+    return value
+
+
+def bounded_int(key: str, value) -> int:
+    """An integer (a whole float such as 8.0 too) of magnitude at most :data:`MAX_INT`; bools are refused."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={shown(value)} is invalid; it must be an integer")
+    if abs(value) > MAX_INT:
+        raise ConfigError(f"{key}={shown(value)} is out of range; it must be at most {MAX_INT:,} in magnitude")
+    return value
+
+
+# List settings whose entries may be infinite: the dt clamp's upper end (NemotronH clamps to (dt_min, inf)).
+INFINITE_OK = {"model.mamba_dt_limit"}
 
 
 def _coerce(key: str, value, annotation):
     """Check ``value`` against a field's type; YAML gives '3e-4' as a string and ints for floats."""
-    origin = typing.get_origin(annotation)
-    if value is None and "None" in str(annotation):
+    annotation = str(getattr(annotation, "__name__", annotation))
+    if value is None and "None" in annotation:
         return None
-    if annotation is float or annotation == "float":
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is invalid; it must be a number")
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} is invalid; it must be a number") from None
-        if isinstance(value, (int, float)):
-            return float(value)
-        raise ConfigError(f"{key}={value!r} is invalid; it must be a number")
-    if annotation is int or annotation == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}={value!r} is invalid; it must be an integer")
-        return value
-    if annotation is bool or annotation == "bool":
+    if annotation == "float":
+        return finite_number(key, value)
+    if annotation == "int":
+        return bounded_int(key, value)
+    if annotation == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is invalid; it must be true or false")
+            raise ConfigError(f"{key}={shown(value)} is invalid; it must be true or false")
         return value
-    if annotation is str or annotation == "str":
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}={value!r} is invalid; it must be a string")
+    if annotation == "str":
+        if isinstance(value, (dict, list, bool)) or value is None:  # true would become 'True'
+            raise ConfigError(f"{key}={shown(value)} is invalid; it must be a string")
         return str(value)
-    if origin in (list, tuple) or annotation in (list, tuple) or str(annotation).startswith(("list", "tuple")):
+    if annotation.startswith(("list", "tuple")):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} is invalid; it must be a list")
-        if "float" in str(annotation):
-            value = [math.inf if str(v).lower() in ("inf", ".inf") else _coerce(key, v, float) for v in value]
+            raise ConfigError(f"{key}={shown(value)} is invalid; it must be a list")
+        if "float" in annotation:
+            out = []
+            for v in value:
+                if key in INFINITE_OK and str(v).lower() in ("inf", ".inf", "+inf"):
+                    out.append(math.inf)
+                else:
+                    out.append(finite_number(key, v))
+            return out
+        if "int" in annotation:
+            return [bounded_int(key, v) for v in value]
+        if "str" in annotation:
+            return [_coerce(key, v, "str") for v in value]
         return list(value)
     return value
 
 
 def _build(cls, data: dict, section: str, base: dict | None = None):
     if not isinstance(data, dict):
-        raise ConfigError(f"config section {section!r} must be a mapping of keys to values, got {data!r}")
+        raise ConfigError(f"config section {section!r} must be a mapping of keys to values, got {shown(data)}")
     fields = _fields(cls)
     values = dict(base or {})
     for key, value in data.items():
@@ -156,8 +285,13 @@ def config_from_dict(raw: dict) -> RunConfig:
     for key in raw:
         if key not in TOP_LEVEL:
             raise _unknown(key)
+    for key in SECTIONS:
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"config section {key!r} must be a mapping of keys to values, got {shown(raw[key])}")
     model_raw = dict(raw.get("model") or {})
-    base = preset(str(model_raw.pop("preset"))).to_dict() if "preset" in model_raw else None
+    if "preset" in model_raw and not isinstance(model_raw["preset"], str):
+        raise ConfigError(f"model.preset={shown(model_raw['preset'])} is invalid; give a preset name such as tiny")
+    base = preset(model_raw.pop("preset")).to_dict() if "preset" in model_raw else None
     elastic_raw = raw.get("elastic") or {}
     if base is None and not model_raw and isinstance(elastic_raw, dict) and elastic_raw.get("parent"):
         base = _parent_model(str(elastic_raw["parent"])).to_dict()  # elastic runs take the parent's shape
@@ -228,15 +362,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = resolve_recipe(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML recipe such as configs/tiny.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}; fix the syntax") from None
+            raise ConfigError(f"config file {shown(str(path))} does not exist; give a YAML recipe such as "
+                              "configs/tiny.yaml")  # fmt: skip
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping with sections model/data/train/tracking")
+            raise ConfigError(f"config file {shown(str(path))} must hold a mapping with sections "
+                              "model/data/train/tracking")  # fmt: skip
     return config_from_dict(apply_overrides(raw, list(overrides or [])))
 
 

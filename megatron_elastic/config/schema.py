@@ -105,12 +105,17 @@ class TrainConfig:
     """Checkpoints kept; older ones are deleted after a successful save."""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu' or 'cuda'."""
+    moe_bias_update_rate: float = 1e-3
+    """MoE ('E') layers: auxiliary-loss-free balancing, each expert's routing bias moved by this much per
+    step towards even load (0 = off; megatron-core's and DeepSeek-V3's default 1e-3)."""
+    moe_aux_loss_coeff: float = 0.0
+    """MoE ('E') layers: weight of the load-balancing loss E * sum f_e P_e (0 = off)."""
 
     def validate(self) -> None:
         _positive_int("train", self, "micro_batch_size", "global_batch_size", "max_steps", "log_interval",
                       "eval_batches", "keep_last")  # fmt: skip
         _non_negative("train", self, "lr", "min_lr", "warmup_steps", "weight_decay", "adam_eps", "clip_grad",
-                      "eval_interval", "save_interval")  # fmt: skip
+                      "eval_interval", "save_interval", "moe_bias_update_rate", "moe_aux_loss_coeff")  # fmt: skip
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
@@ -129,6 +134,8 @@ class TrainConfig:
             raise ConfigError(f"train.device={self.device!r} is invalid; use auto, cpu or cuda")
         if self.recompute not in RECOMPUTE_MODES:
             raise ConfigError(f"train.recompute={self.recompute!r} is invalid; use {', '.join(RECOMPUTE_MODES)}")
+        if not 0 <= self.seed < 2**32:  # NumPy's generators take seeds in [0, 2**32)
+            raise ConfigError(f"train.seed={self.seed} is invalid; give an integer in [0, 2**32)")
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,8 @@ up/down_proj), ``final_norm.weight``, ``output_layer.weight`` (absent when tied)
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +25,17 @@ import torch
 from megatron_elastic.errors import CheckpointError
 from megatron_elastic.model.config import HybridConfig
 from megatron_elastic.model.hybrid import HybridLM
-from megatron_elastic.utils.io import atomic_directory, load_safetensors, read_json, write_json
+from megatron_elastic.utils.io import (
+    TensorFiles,
+    TensorSpecs,
+    atomic_directory,
+    load_safetensors,
+    read_json,
+    safetensors_keys,
+    safetensors_order,
+    write_json,
+    write_safetensors,
+)
 
 META_FILE = "megatron_elastic.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,11 +67,11 @@ def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def load_state_into(model: HybridLM, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``model``; every missing, unexpected or mis-shaped key is a CheckpointError."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def check_shapes(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], source: str) -> None:
+    """Stored tensor shapes against the ones a model config implies (name -> shape); every missing,
+    unexpected or mis-shaped tensor is a CheckpointError."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -70,30 +82,68 @@ def load_state_into(model: HybridLM, state: dict[str, torch.Tensor], source: str
             f"{source}: weights do not match the model config ({'; '.join(parts)}); the config and the "
             "weights come from different models, or the checkpoint is incomplete"
         )
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+    for key, shape in stored.items():
+        if tuple(shape) != tuple(expected[key]):
             raise CheckpointError(
-                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but the config implies "
-                f"{tuple(expected[key].shape)}; the config and the weights come from different models"
+                f"{source}: tensor {key!r} has shape {tuple(shape)} but the config implies "
+                f"{tuple(expected[key])}; the config and the weights come from different models"
             )
+
+
+def load_state_into(model: HybridLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``; every missing, unexpected or mis-shaped key is a CheckpointError."""
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                 {k: tuple(v.shape) for k, v in state.items()}, source)  # fmt: skip
     model.load_state_dict(state, strict=True)
 
 
-def save_native(model: HybridLM, dst: str | Path, *, overwrite: bool = False, side_files_from: Path | None = None,
-                extra_files: dict[str, str | bytes] | None = None) -> Path:
-    """Write ``model`` as a native directory, atomically."""
-    from safetensors.torch import save_file
+def native_tensor_files(src: str | Path) -> TensorFiles:
+    """The tensors of a native directory, read on demand (blocks of a tensor through a memory map)."""
+    path = Path(src) / WEIGHTS_FILE
+    return TensorFiles({key: (path, key) for key in safetensors_keys(path)})
 
+
+@dataclass(frozen=True)
+class NativeTensors:
+    """A model given as a stream of its tensors instead of a module: a sharded parent assembles its
+    tensors one at a time (``checkpoint.dist.stream_full_tensors``), so no process holds the whole
+    model. :func:`save_native` writes each tensor as it arrives."""
+
+    config: HybridConfig
+    tensors: Iterable[tuple[str, torch.Tensor]]
+    """(native name, full tensor) in ``safetensors_order(native_tensor_specs(config, dtype))``."""
+    dtype: torch.dtype = torch.float32
+
+
+def native_tensor_specs(config: HybridConfig, dtype: torch.dtype = torch.float32) -> TensorSpecs:
+    """Native name -> (dtype, shape) of every tensor a model of ``config`` writes (no memory allocated)."""
+    with torch.device("meta"):
+        model = HybridLM(config, init=False)
+    return {k: (dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
+
+
+def save_native(model: HybridLM | NativeTensors, dst: str | Path, *, overwrite: bool = False,
+                side_files_from: Path | None = None, extra_files: dict[str, str | bytes] | None = None) -> Path:  # fmt: skip
+    """Write ``model`` (a module, or its tensors as a stream) as a native directory, atomically. The
+    weights are written tensor by tensor (``utils.io.write_safetensors``): no second copy of the model."""
     dst = Path(dst)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values()})
+    if isinstance(model, NativeTensors):
+        config, specs, tensors = model.config, native_tensor_specs(model.config, model.dtype), model.tensors
+        with torch.device("meta"):
+            num_params = HybridLM(config, init=False).num_parameters()
+    else:
+        state = model.state_dict()
+        specs = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+        tensors = ((k, state[k]) for k in safetensors_order(specs))
+        config, num_params = model.config, model.num_parameters()
+    dtypes = sorted({str(d).replace("torch.", "") for d, _ in specs.values()})
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS_FILE, specs, tensors, metadata={"format": "pt"})
         write_json(tmp / META_FILE, {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "model": model.config.to_dict(),
-            "num_parameters": model.num_parameters(),
+            "model": config.to_dict(),
+            "num_parameters": num_params,
             "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         })  # fmt: skip
         if side_files_from is not None:

@@ -221,6 +221,9 @@ def preprocess(
 
 # ---------------------------------------------------------------------- command line
 def cmd_data_preprocess(args) -> int:
+    from megatron_elastic.utils.io import check_writable
+
+    check_writable(Path(f"{args.output_prefix}.bin"), "output prefix", kind="file")  # before any tokenizing
     summary = preprocess(
         args.input,
         args.tokenizer,

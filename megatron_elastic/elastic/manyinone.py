@@ -64,6 +64,8 @@ def metadata(space, budgets, architecture_for, *, cost_fraction, cfg) -> dict:
 
 
 def save(dst: Path, *, model, router, metadata: dict, ranking: str | None = None, overwrite: bool = True) -> Path:
+    """``model``: the parent, a module or its tensors streamed one at a time (``convert.native.NativeTensors``,
+    a sharded run's export: written as they arrive)."""
     from safetensors.torch import save as st_save
 
     from megatron_elastic.convert.native import save_native
@@ -128,6 +130,7 @@ def extract_budgets(checkpoint: str | Path, out: str | Path, *, budget: str | No
     from megatron_elastic.elastic.slicing import extract
     from megatron_elastic.elastic.space import Architecture, child_config
     from megatron_elastic.model.config import num_parameters
+    from megatron_elastic.utils.io import check_writable
 
     ckpt = Path(checkpoint)
     meta = read_metadata(ckpt)
@@ -137,6 +140,7 @@ def extract_budgets(checkpoint: str | Path, out: str | Path, *, budget: str | No
     for path in targets.values():
         if path.exists() and not overwrite:
             raise UserError(f"output directory {str(path)!r} already exists; choose a new path or pass --overwrite")
+        check_writable(path, "output directory")
     plans = {}
     for key in targets:
         arch = Architecture.from_dict(archs[key])

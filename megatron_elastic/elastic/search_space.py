@@ -41,7 +41,7 @@ import torch
 from megatron_elastic.config.schema import check_fractions
 from megatron_elastic.elastic.space import AXES, WIDTH_AXES, Architecture, Axis, LayerArch, axes_of
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, MOE, HybridConfig
 
 # Axes whose choice is made per layer in a heterogeneous space, and the layer type they live on.
 LAYER_AXIS_KIND = {"ffn": MLP, "attn_heads": ATTENTION, "mamba_heads": MAMBA, "mamba_head_dim": MAMBA}
@@ -320,12 +320,34 @@ class ElasticSpace:
                     "rebuild the space for this parent or load the matching checkpoint"
                 )
 
+    def rounding(self) -> list[str]:
+        """One line per fraction that did not land exactly on a size: the size actually used and why
+        (e.g. ``attn_heads 0.5 -> 16 of 40 (a multiple of the 8 KV groups)``); [] when built from sizes."""
+        if self.fractions is None:
+            return []
+        units = _units(self.config, self.multiple_of)
+        what = {"attn_heads": f"whole KV groups ({self.config.num_query_groups})",
+                "mamba_heads": f"whole Mamba groups ({self.config.mamba_num_groups})"}  # fmt: skip
+        lines = []
+        for name in WIDTH_AXES:
+            full = self.axes[name].full
+            for f in self.fractions[name]:
+                size = _round_down(f, full, units[name])
+                if abs(size - f * full) > 1e-6 and size in self.axes[name].choices:
+                    unit = what.get(name, f"elastic.multiple_of={self.multiple_of}")
+                    lines.append(f"elastic.{name} {f:g} -> {size} of {full} ({f * full:g} rounded to a multiple "
+                                 f"of {units[name]}: {unit})")  # fmt: skip
+        return lines
+
     def __repr__(self) -> str:
         axes = ", ".join(f"{name}={list(axis.choices)}" for name, axis in self.axes.items())
         return f"ElasticSpace({axes}, heterogeneous={self.heterogeneous})"
 
 
 def _check_options(config: HybridConfig, multiple_of: int) -> None:
+    if MOE in config.layer_types:
+        raise ConfigError("the elastic parent has mixture-of-experts ('E') layers, which have no elastic axes yet; "
+                          "train or convert it without an elastic section, or use a parent with dense MLP ('-') layers")  # fmt: skip
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of <= 0:
         raise ConfigError(f"elastic.multiple_of={multiple_of!r} is invalid; it must be a positive integer")
     if config.is_heterogeneous:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from megatron_elastic.errors import ConfigError
+from megatron_elastic.errors import CheckpointError, ConfigError, shown
 from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, HybridConfig
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 from megatron_elastic.model.layout import LayerKeep, Take, compact, layer_plan, model_plan
@@ -117,7 +117,32 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Architecture":
-        return cls(hidden_size=int(data["hidden_size"]), layers=tuple(LayerArch(**layer) for layer in data["layers"]))
+        """The inverse of :meth:`to_dict`; anything else (a file's architecture that is not one: keys
+        missing or unknown, sizes not positive integers) is a one-line CheckpointError."""
+        def bad(why: str) -> CheckpointError:
+            return CheckpointError(f"architecture {shown(data)} is malformed ({why}); the file holding it is corrupt "
+                                   "or was not written by megatron-elastic")  # fmt: skip
+
+        def size(value, name: str, optional: bool = True):
+            if value is None and optional:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise bad(f"{name}={shown(value)} is not a positive integer")
+            return value
+
+        if not isinstance(data, dict) or set(data) != {"hidden_size", "layers"}:
+            raise bad("it must be an object with exactly hidden_size and layers")
+        if not isinstance(data["layers"], list) or not data["layers"]:
+            raise bad("layers must be a non-empty list")
+        fields = {"kind", "keep", "ffn_hidden_size", "num_attention_heads", "mamba_num_heads", "mamba_head_dim"}
+        layers = []
+        for layer in data["layers"]:
+            if not isinstance(layer, dict) or "kind" not in layer or not set(layer) <= fields:
+                raise bad(f"layer {shown(layer)} must be an object with kind and sizes among {sorted(fields)}")
+            if layer["kind"] not in (MAMBA, ATTENTION, MLP) or not isinstance(layer.get("keep", True), bool):
+                raise bad(f"layer {shown(layer)} has a kind other than M, * or -, or a keep that is not true/false")
+            layers.append(LayerArch(**{k: v if k in ("kind", "keep") else size(v, k) for k, v in layer.items()}))
+        return cls(hidden_size=size(data["hidden_size"], "hidden_size", optional=False), layers=tuple(layers))
 
 
 def axes_of(config: HybridConfig) -> dict[str, Axis]:

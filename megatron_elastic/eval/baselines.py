@@ -48,11 +48,14 @@ class SeparateDistillTrainer(ElasticTrainer):
     """
 
     def __init__(self, cfg, data, *, child, teacher, **kw):
+        self._given_teacher = teacher
         super().__init__(cfg, data, depth_order=None, parent=child, **kw)
         if self.budgets != [1.0]:
             raise ValueError(f"separate distillation trains one child (budgets [1.0]); got {self.budgets}")
+
+    def build_teacher(self):
         # The nested trainer's teacher is a copy of its student at step 0; here it is the real parent.
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        return self._given_teacher.to(self.device)
 
     def on_finished(self) -> None:
         pass  # the run's last checkpoint is the child; no many-in-one directory for a single model

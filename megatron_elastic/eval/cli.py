@@ -59,6 +59,9 @@ def cmd_eval(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"output directory {args.out!r} already exists; choose a new path or pass --overwrite")
+    from megatron_elastic.utils.io import check_writable
+
+    check_writable(out, "output directory")
     ecfg = _eval_config(args.tasks, args.set)
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
@@ -75,6 +78,9 @@ def cmd_eval(args) -> int:
     else:
         meta, available = None, ["1"]
     keys = _budgets(args.budgets, available)
+    from megatron_elastic.elastic import Architecture, extract
+
+    archs = {} if meta is None else {key: Architecture.from_dict(meta["architectures"][key]) for key in keys}
     import dataclasses
 
     recipe = load_config(args.config, [f"run_dir={out}", *args.overrides])
@@ -86,12 +92,11 @@ def cmd_eval(args) -> int:
     start = time.perf_counter()
     ctx = build_context(run_cfg, ecfg, log=_say)  # every input checked (shift text, corpus) before models load
     from megatron_elastic.api import load_pretrained
-    from megatron_elastic.elastic import Architecture, extract
 
     parent = load_pretrained(ckpt)
     models = {}
     for key in keys:
-        models[key] = parent if meta is None else extract(parent, Architecture.from_dict(meta["architectures"][key])).eval()
+        models[key] = parent if meta is None else extract(parent, archs[key]).eval()
     _say(f"[eval] {ckpt}: budgets {', '.join(keys)}; tasks {', '.join(ecfg.tasks)}")
     results = evaluate_models(models, ctx, log=_say)
     full = parent.num_parameters()

@@ -12,9 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from megatron_elastic.config.loader import parse_override, resolve_recipe
+from megatron_elastic.config.loader import bounded_int, finite_number, parse_override, read_yaml, resolve_recipe
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.eval.harness import EvalConfig
 
@@ -159,16 +157,9 @@ def _coerce(key: str, value, t):
             raise ConfigError(f"{key}={value!r} is invalid; it must be true or false")
         return value
     if t is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} is invalid; it must be an integer")
-        return value
+        return bounded_int(key, value)
     if t is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is invalid; it must be a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} is invalid; it must be a number") from None
+        return finite_number(key, value)
     if t is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{key}={value!r} is invalid; it must be a string")
@@ -202,10 +193,7 @@ def load_study_config(path: str | Path, overrides: list[str] | None = None) -> S
     path = resolve_recipe(path)
     if not Path(path).is_file():
         raise ConfigError(f"study config {str(path)!r} does not exist; give a YAML file such as configs/study-tiny.yaml")
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"study config {str(path)!r} is not valid YAML; fix the syntax") from None
+    raw = read_yaml(Path(path), "study config") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"study config {str(path)!r} must hold a mapping")
     for text in overrides or []:

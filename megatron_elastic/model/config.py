@@ -1,7 +1,8 @@
 """The hybrid model's configuration: one validated dataclass, plus named presets.
 
-The layer pattern has one symbol per layer: ``M`` Mamba-2 mixer, ``*`` self-attention, ``-`` MLP.
-``|`` marks a pipeline-stage boundary and is not a layer. Field names follow megatron-core where it
+The layer pattern has one symbol per layer: ``M`` Mamba-2 mixer, ``*`` self-attention, ``-`` MLP,
+``E`` mixture of experts (megatron-core's hybrid symbols). ``|`` marks a pipeline-stage boundary and
+is not a layer. Field names follow megatron-core where it
 has a name for the thing (``ffn_hidden_size``, ``num_attention_heads``, ``num_query_groups``).
 """
 
@@ -11,16 +12,21 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from megatron_elastic.errors import ConfigError
+from megatron_elastic.errors import ConfigError, shown
 
-MAMBA, ATTENTION, MLP = "M", "*", "-"
-LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP)
+MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
+LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP, MOE)
 STAGE_SEPARATOR = "|"
-LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
+LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp", MOE: "moe"}
 # Activation recomputation modes (see model.hybrid.set_recompute): what backward recomputes instead of keeping.
 RECOMPUTE_MODES = ("none", "selective", "full")
-# Symbols megatron-core's hybrid models know but this project does not implement.
-_UNSUPPORTED_SYMBOLS = {"E": "MoE layers ('E') are not supported; use a dense MLP ('-')"}
+# The mixture-of-experts fields (used by 'E' layers; left out of to_dict when the pattern has none).
+MOE_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+              "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
+              "moe_norm_topk_prob", "moe_latent_size")  # fmt: skip
+# Largest size of any one dimension (a tensor extent kernels index with 32-bit integers); the memory
+# check before a model is built catches what is smaller but still does not fit.
+MAX_DIM = 2**31 - 1
 
 
 def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
@@ -28,9 +34,13 @@ def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
 
     ``"M-M*|M-M-"`` -> (``['M','-','M','*','M','-','M','-']``, ``[4, 4]``).
     """
-    if not isinstance(pattern, str) or not pattern:
+    if not isinstance(pattern, str):
+        raise ConfigError(f"layer pattern {shown(pattern)} is invalid; it must be a string with one symbol per "
+                          "layer, e.g. 'M-M*-' (M = Mamba-2, * = attention, - = MLP, | = pipeline-stage "
+                          "boundary)")  # fmt: skip
+    if not pattern:
         raise ConfigError(
-            f"layer pattern {pattern!r} is empty; give one symbol per layer, e.g. 'M-M*-' "
+            f"layer pattern {shown(pattern)} is empty; give one symbol per layer, e.g. 'M-M*-' "
             "(M = Mamba-2, * = attention, - = MLP, | = pipeline-stage boundary)"
         )
     layers: list[str] = []
@@ -43,21 +53,19 @@ def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:
         elif symbol == STAGE_SEPARATOR:
             if current == 0:
                 raise ConfigError(
-                    f"layer pattern {pattern!r} has an empty pipeline stage at position {pos}; "
+                    f"layer pattern {shown(pattern)} has an empty pipeline stage at position {pos}; "
                     "put at least one layer between '|' separators and none at the ends"
                 )
             stages.append(current)
             current = 0
-        elif symbol in _UNSUPPORTED_SYMBOLS:
-            raise ConfigError(f"layer pattern {pattern!r}: {_UNSUPPORTED_SYMBOLS[symbol]}")
         else:
             raise ConfigError(
-                f"layer pattern {pattern!r} has unknown symbol {symbol!r} at position {pos}; "
-                "use only M (Mamba-2), * (attention), - (MLP) and | (pipeline-stage boundary)"
+                f"layer pattern {shown(pattern)} has unknown symbol {symbol!r} at position {pos}; "
+                "use only M (Mamba-2), * (attention), - (MLP), E (mixture of experts) and | (pipeline-stage boundary)"
             )
     if current == 0:
         raise ConfigError(
-            f"layer pattern {pattern!r} ends with '|' (an empty pipeline stage); remove the trailing '|'"
+            f"layer pattern {shown(pattern)} ends with '|' (an empty pipeline stage); remove the trailing '|'"
         )
     stages.append(current)
     return layers, stages
@@ -103,7 +111,7 @@ class HybridConfig:
     """Shape and numerics of a Nemotron-H style hybrid Mamba-2 / attention / MLP language model."""
 
     pattern: str
-    """Layer pattern, one symbol per layer: M Mamba-2, * attention, - MLP; | = stage boundary."""
+    """Layer pattern, one symbol per layer: M Mamba-2, * attention, - MLP, E mixture of experts; | = stage boundary."""
     vocab_size: int
     """Number of token ids (rows of the embedding and of the output layer)."""
     hidden_size: int
@@ -150,6 +158,24 @@ class HybridConfig:
     """Initialise Mamba out_proj with kaiming-uniform / sqrt(num_layers), as NemotronH does."""
     tie_embeddings: bool = False
     """Share the embedding matrix with the output layer."""
+    num_moe_experts: int = 0
+    """Routed experts per mixture-of-experts ('E') layer (required with 'E' layers)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int = 0
+    """Intermediate width of each routed expert (squared-ReLU, no gate; required with 'E' layers)."""
+    moe_shared_expert_intermediate_size: int = 0
+    """Intermediate width of the shared expert every token passes through (required with 'E' layers)."""
+    moe_router_num_groups: int = 1
+    """Expert groups of group-limited routing (experts split evenly; 1 = no grouping)."""
+    moe_router_group_topk: int = 1
+    """Groups a token may pick its experts from (by the sum of each group's two best scores)."""
+    moe_router_topk_scaling_factor: float = 1.0
+    """Multiplier of the routing weights (nemotron_h's routed_scaling_factor)."""
+    moe_norm_topk_prob: bool = True
+    """Normalise each token's top-k sigmoid scores to sum to one (before the scaling factor)."""
+    moe_latent_size: int = 0
+    """Routed experts work in a latent space of this width (projections in and out); 0 = hidden size."""
     ffn_hidden_size_per_layer: list[int] | None = None
     """Heterogeneous models: one FFN size per MLP ('-') layer, in pattern order (else ffn_hidden_size)."""
     num_attention_heads_per_layer: list[int] | None = None
@@ -162,7 +188,12 @@ class HybridConfig:
     _stages: list[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.mamba_dt_limit = tuple(float(v) for v in self.mamba_dt_limit)  # YAML/JSON give lists
+        limit = self.mamba_dt_limit
+        if isinstance(limit, (str, bytes)) or not isinstance(limit, (list, tuple)) or len(limit) != 2 or \
+                any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in limit):  # fmt: skip
+            raise ConfigError(f"model.mamba_dt_limit={shown(limit)} is invalid; give [low, high] with 0 <= low < high "
+                              "(high may be inf)")  # fmt: skip
+        self.mamba_dt_limit = tuple(float(v) for v in limit)  # YAML/JSON give lists
         self._layers, self._stages = parse_pattern(self.pattern)
         self.validate()
 
@@ -176,7 +207,12 @@ class HybridConfig:
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"model.{name}={value!r} is invalid; it must be a positive integer")
+                raise ConfigError(f"model.{name}={shown(value)} is invalid; it must be a positive integer")
+            if value > MAX_DIM:
+                raise ConfigError(f"model.{name}={shown(value)} is out of range; it must be at most {MAX_DIM:,}")
+        for name in ("mamba_conv_bias", "mamba_proj_bias", "mlp_bias", "rescale_prenorm_residual", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name}={shown(getattr(self, name))} is invalid; it must be true or false")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
@@ -190,8 +226,8 @@ class HybridConfig:
             )
         for name in ("norm_eps", "init_std", "mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"model.{name}={value!r} is invalid; it must be a positive number")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ConfigError(f"model.{name}={shown(value)} is invalid; it must be a positive finite number")
         if self.mamba_dt_min > self.mamba_dt_max:
             raise ConfigError(
                 f"model.mamba_dt_min={self.mamba_dt_min} exceeds model.mamba_dt_max={self.mamba_dt_max}; "
@@ -204,12 +240,13 @@ class HybridConfig:
             count = self._layers.count(symbol)
             if not isinstance(values, (list, tuple)) or len(values) != count:
                 raise ConfigError(
-                    f"model.{name} has {len(values) if isinstance(values, (list, tuple)) else values!r} "
+                    f"model.{name} has {len(values) if isinstance(values, (list, tuple)) else shown(values)} "
                     f"entries but the pattern has {count} {LAYER_NAMES[symbol]} layers; give one per layer"
                 )
             for v in values:
-                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                    raise ConfigError(f"model.{name} contains {v!r}; every entry must be a positive integer")
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_DIM:
+                    raise ConfigError(f"model.{name} contains {shown(v)}; every entry must be a positive integer "
+                                      f"(at most {MAX_DIM:,})")  # fmt: skip
             setattr(self, name, list(values))
         for i in range(len(self._layers)):
             dims = self.layer_dims(i)
@@ -223,12 +260,47 @@ class HybridConfig:
                     f"layer {i}: {dims.num_attention_heads} query heads are not divisible by "
                     f"model.num_query_groups={self.num_query_groups}; keep the same number per KV group"
                 )
+        if MOE in self._layers:
+            self._validate_moe()
         lo, hi = self.mamba_dt_limit if len(self.mamba_dt_limit) == 2 else (None, None)
         if lo is None or not (0.0 <= lo < hi):
             raise ConfigError(
                 f"model.mamba_dt_limit={list(self.mamba_dt_limit)} is invalid; give [low, high] with "
                 "0 <= low < high (high may be inf)"
             )
+
+    def _validate_moe(self) -> None:
+        for name in ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+                     "moe_router_num_groups", "moe_router_group_topk"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{name}={value!r} is invalid; the pattern has MoE ('E') layers, "
+                                  "so it must be a positive integer")  # fmt: skip
+        latent = self.moe_latent_size
+        if isinstance(latent, bool) or not isinstance(latent, int) or latent < 0:
+            raise ConfigError(f"model.moe_latent_size={latent!r} is invalid; give 0 (no latent space) or a positive width")
+        scale = self.moe_router_topk_scaling_factor
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ConfigError(f"model.moe_router_topk_scaling_factor={scale!r} is invalid; it must be a positive number")
+        if not isinstance(self.moe_norm_topk_prob, bool):
+            raise ConfigError(f"model.moe_norm_topk_prob={self.moe_norm_topk_prob!r} is invalid; use true or false")
+        experts, groups = self.num_moe_experts, self.moe_router_num_groups
+        if experts % groups or experts // groups < 2:
+            raise ConfigError(f"model.moe_router_num_groups={groups} does not split model.num_moe_experts={experts} "
+                              "into equal groups of at least 2 experts; pick a group count that does")  # fmt: skip
+        if self.moe_router_group_topk > groups:
+            raise ConfigError(f"model.moe_router_group_topk={self.moe_router_group_topk} exceeds "
+                              f"model.moe_router_num_groups={groups}; pick at most {groups}")  # fmt: skip
+        reachable = self.moe_router_group_topk * (experts // groups)
+        if self.moe_router_topk > reachable:
+            raise ConfigError(f"model.moe_router_topk={self.moe_router_topk} exceeds the {reachable} experts of the "
+                              f"{self.moe_router_group_topk} group(s) a token may use; lower the top-k or raise "
+                              "model.moe_router_group_topk")  # fmt: skip
+
+    @property
+    def moe_expert_input_size(self) -> int:
+        """Width the routed experts read and write: the latent size, else the hidden size."""
+        return self.moe_latent_size or self.hidden_size
 
     # ------------------------------------------------------------------ derived shapes
     @property
@@ -296,6 +368,9 @@ class HybridConfig:
                 del out[name]
             else:
                 out[name] = list(out[name])
+        if MOE not in self._layers:  # and dense models keep the keys they always had
+            for name in MOE_FIELDS:
+                del out[name]
         return out
 
     @classmethod
@@ -337,12 +412,32 @@ def num_parameters(config: HybridConfig) -> dict[str, int]:
             q = L.num_attention_heads * c.head_dim
             kv = c.num_query_groups * c.head_dim
             n += d * (q + 2 * kv) + q * d
+        elif kind == MOE:
+            n += moe_parameters(c)["total"]
         else:
             f = L.ffn_hidden_size
             n += 2 * d * f + ((f + d) if c.mlp_bias else 0)
         counts[f"layer{i}"] = n
     counts["final_norm"] = d
     counts["output_layer"] = 0 if c.tie_embeddings else c.vocab_size * d
+    return counts
+
+
+def moe_parameters(config: HybridConfig) -> dict[str, int]:
+    """Parameters of one MoE mixer (its block's pre-norm excluded): ``router``, ``experts`` (all routed
+    experts), ``expert`` (one of them), ``shared``, ``latent`` (both projections), ``total`` and
+    ``active`` (what one token uses: router, shared expert, latent projections and top-k experts)."""
+    c = config
+    d, din, f, s = c.hidden_size, c.moe_expert_input_size, c.moe_ffn_hidden_size, c.moe_shared_expert_intermediate_size
+    bias = c.mlp_bias
+    expert = 2 * din * f
+    shared = 2 * d * s + ((s + d) if bias else 0)
+    latent = (2 * d * c.moe_latent_size + ((c.moe_latent_size + d) if bias else 0)) if c.moe_latent_size else 0
+    router = c.num_moe_experts * d
+    counts = {"router": router, "experts": c.num_moe_experts * expert, "expert": expert, "shared": shared,
+              "latent": latent}  # fmt: skip
+    counts["total"] = router + counts["experts"] + shared + latent
+    counts["active"] = router + c.moe_router_topk * expert + shared + latent
     return counts
 
 
@@ -385,11 +480,37 @@ def _nemotron_nano_12b_v2() -> HybridConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "nemotron-nano-12b-v2": _nemotron_nano_12b_v2}
+def _nemotron_3_nano_30b_a3b() -> HybridConfig:
+    # Nemotron 3 Nano 30B-A3B: 52 layers (23 M, 23 E, 6 *), 128 routed experts (top 6) + a shared expert;
+    # the published shape (Megatron-LM's post-training recipe for the BF16 checkpoint).
+    return HybridConfig(
+        pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+        vocab_size=131072,
+        hidden_size=2688,
+        ffn_hidden_size=1856,
+        num_attention_heads=32,
+        num_query_groups=2,
+        head_dim=128,
+        mamba_num_heads=64,
+        mamba_head_dim=64,
+        mamba_num_groups=8,
+        mamba_state_dim=128,
+        mamba_chunk_size=128,
+        init_std=0.0173,
+        num_moe_experts=128,
+        moe_router_topk=6,
+        moe_ffn_hidden_size=1856,
+        moe_shared_expert_intermediate_size=3712,
+        moe_router_topk_scaling_factor=2.5,
+    )
+
+
+PRESETS = {"tiny": _tiny, "nemotron-nano-12b-v2": _nemotron_nano_12b_v2,
+           "nemotron-3-nano-30b-a3b": _nemotron_3_nano_30b_a3b}  # fmt: skip
 
 
 def preset(name: str) -> HybridConfig:
-    """A named model shape: ``tiny`` (CPU demo and tests) or ``nemotron-nano-12b-v2``."""
+    """A named model shape: ``tiny`` (CPU demo and tests), ``nemotron-nano-12b-v2`` or ``nemotron-3-nano-30b-a3b``."""
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()

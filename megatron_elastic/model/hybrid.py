@@ -1,23 +1,25 @@
-"""The hybrid language model: embedding -> pre-norm residual blocks (Mamba-2 / attention / MLP) ->
+"""The hybrid language model: embedding -> pre-norm residual blocks (Mamba-2 / attention / MLP / MoE) ->
 final RMSNorm -> output layer. Single-device PyTorch; parallelism is applied to it afterwards.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, RECOMPUTE_MODES, HybridConfig
+from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, MOE, RECOMPUTE_MODES, HybridConfig
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 from megatron_elastic.model.layers import MLP as MLPMixer
 from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mixer, RMSNorm, recomputed
+from megatron_elastic.model.moe import Experts, MoE, TopkRouter
 
 # The layer spec: which module implements each pattern symbol. Parallel or fused variants are
 # swapped in by passing another mapping, not by branches inside the layers.
-REFERENCE_MIXERS: Mapping[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: MLPMixer}
+REFERENCE_MIXERS: Mapping[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: MLPMixer, MOE: MoE}
 
 
 class HybridBlock(nn.Module):
@@ -67,13 +69,13 @@ def set_recompute(model: nn.Module, mode: str) -> None:
     """Activation recomputation for every block of ``model`` (a HybridLM, a pipeline stage, or their
     tensor-parallel versions: apply it after parallelising). ``none`` keeps every intermediate;
     ``selective`` recomputes the cheap, large parts (Mamba conv + scan + gated norm, the attention
-    core, the squared ReLU); ``full`` keeps only each block's input and recomputes the block."""
+    core, the squared ReLU, the routed experts); ``full`` keeps only each block's input and recomputes the block."""
     if mode not in RECOMPUTE_MODES:
         raise ValueError(f"recompute mode {mode!r} is invalid; use one of {', '.join(RECOMPUTE_MODES)}")
     for module in model.modules():
         if isinstance(module, HybridBlock):
             module.recompute_block = mode == "full"
-        elif isinstance(module, (Mamba2Mixer, Attention, MLPMixer)):
+        elif isinstance(module, (Mamba2Mixer, Attention, MLPMixer, MoE)):
             module.recompute_core = mode == "selective"
 
 
@@ -142,7 +144,8 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """NemotronH initialisation: N(0, init_std) linears and embedding, zero biases, unit norms,
+        """NemotronH initialisation: N(0, init_std) linears, experts, routers and embedding, zero biases
+        (the routers' score-correction bias too), unit norms,
         A = 1..H, D = 1, dt log-uniform in [dt_min, dt_max] (floored) through inverse softplus, Mamba
         out_proj kaiming-uniform scaled by 1/sqrt(num_layers)."""
         c = self.config
@@ -157,6 +160,12 @@ class HybridLM(nn.Module):
                 module.reset_parameters()  # PyTorch default, as the reference leaves it
             elif isinstance(module, (RMSNorm, GatedGroupRMSNorm)):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, TopkRouter):
+                nn.init.normal_(module.weight, std=c.init_std)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.up_proj, std=c.init_std)
+                nn.init.normal_(module.down_proj, std=c.init_std)
         for module in self.modules():
             if isinstance(module, Mamba2Mixer):
                 h = module.num_heads
@@ -171,3 +180,19 @@ class HybridLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def cast_copy(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """A copy of ``model`` with its floating parameters and buffers in ``dtype`` on ``device``, filled tensor by
+    tensor: the modules are copied around meta tensors first, so no second copy in the source dtype is ever
+    made (a bf16 copy of an fp32 model costs half the model, not one model and a half)."""
+
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        empty = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device="meta")
+        return nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+
+    memo = {id(t): meta(t) for t in [*model.parameters(), *model.buffers()]}
+    out = copy.deepcopy(model, memo).to_empty(device=device)
+    out.load_state_dict(model.state_dict())  # copy_ per tensor, casting
+    return out

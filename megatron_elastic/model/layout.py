@@ -9,7 +9,8 @@ Three things, all plain data in, plain data out (no elastic objects; ``elastic/`
 * the tensor-parallel partition functions (:func:`shard_slice` and the per-kind shards built on it):
   rank ``r`` holds the ``r``-th contiguous chunk of every packed component, of the query and KV
   heads, of the FFN neurons and of the vocabulary; :func:`component_layout` names those pieces for
-  layout-independent checkpoints;
+  layout-independent checkpoints and :func:`shard_pieces` finds a rank's part in the global tensor (what
+  a rank reads of a parent's files);
 * the slice plan (:func:`layer_plan`, :func:`model_plan`): parameter name -> the rows and columns a
   layer keeps, given the kept hidden channels, FFN neurons, attention heads, Mamba heads and head
   channels. Extraction copies with it, view children take views with it, and a permutation is the
@@ -271,6 +272,22 @@ def component_layout(config: HybridConfig, name: str, ndim: int, tp_size: int) -
         out.append(TPComponent(f"{name}.{part.name}", (slice(offset, offset + local),) + full[1:], 0))
         offset += local
     return out
+
+
+def shard_pieces(config: HybridConfig, name: str, shape: tuple[int, ...], tp_size: int,
+                 tp_rank: int) -> list[tuple[slice, ...]]:  # fmt: skip
+    """Rank ``tp_rank``'s part of the global parameter ``name`` (of ``shape``) in a ``tp_size``-way split, as
+    blocks of the global tensor: ``torch.cat([full[p] for p in pieces])`` (along dim 0, in this order) is the
+    rank's local tensor. One block unless the tensor is packed (then the rank's chunk of every component)."""
+    pieces = []
+    for c in component_layout(config, name, len(shape), 1):
+        block = list(c.local_slice)
+        if c.shard_axis is not None:
+            start, stop, _ = block[c.shard_axis].indices(shape[c.shard_axis])
+            s = shard_slice(stop - start, tp_size, tp_rank)
+            block[c.shard_axis] = slice(start + s.start, start + s.stop)
+        pieces.append(tuple(block))
+    return pieces
 
 
 # ----------------------------------------------------------------------------- slice plan

@@ -64,20 +64,82 @@ def fp8_context(recipe, enabled: bool, amax_group):
     return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=amax_group)  # newer TE names
 
 
-def te_linear_factories():
+def te_linear_factories(sequence_parallel: bool = False, reduce_scatter=None):
     """(column, row) builders of Transformer Engine linears for the TP context:
-    ``build(in_features, out_features, *, bias, tp_group, mp_config)`` on the current CUDA device."""
+    ``build(in_features, out_features, *, bias, tp_group, mp_config)`` on the current CUDA device (on the
+    meta device inside ``torch.device("meta")``, while a rank builds its part of a stored parent).
+
+    Without sequence parallelism they are TE's own column / row parallel linears. With it the mixers
+    gather the sequence themselves (see :mod:`megatron_elastic.parallel.tensor`), so the builders
+    make *local* TE linears of the rank's shard, which communicate nothing: the column one holds
+    ``out_features / tp`` rows (its input gradient is reduce-scattered by the mixer's gather), the
+    row one ``in_features / tp`` columns, followed by ``reduce_scatter(x, tp_group)`` over the
+    sequence and then its replicated bias on the rank's positions, the same order as
+    :class:`~megatron_elastic.parallel.tensor.SequenceParallelRowLinear`. The GEMMs are TE's, in FP8.
+    """
     te = _te()
+
+    def world(tp_group) -> int:
+        return 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
+
+    def target() -> str:  # the meta device while a rank builds its part of a stored parent (parallel.loading)
+        return "meta" if torch.get_default_device().type == "meta" else "cuda"
 
     def build(mode):
         def make(in_features, out_features, *, bias, tp_group, mp_config):
-            tp_size = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
+            tp_size = world(tp_group)
+            device = target()
             return te.Linear(
-                in_features, out_features, bias=bias, params_dtype=mp_config.params_dtype, device="cuda",
+                in_features, out_features, bias=bias, params_dtype=mp_config.params_dtype, device=device,
                 tp_group=tp_group, tp_size=tp_size, parallel_mode=mode if tp_size > 1 else None,
                 sequence_parallel=False, init_method=lambda w: None,  # weights are copied in
             )  # fmt: skip
 
         return make
 
-    return build("column"), build("row")
+    if not sequence_parallel:
+        return build("column"), build("row")
+    if reduce_scatter is None:
+        raise ValueError("sequence-parallel TE linears need the sequence reduce-scatter")
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    def column(in_features, out_features, *, bias, tp_group, mp_config):
+        layer = te.Linear(in_features, out_features // world(tp_group), bias=bias, params_dtype=mp_config.params_dtype,
+                          device=target(), parallel_mode=None, init_method=lambda w: None)  # fmt: skip
+        if bias:  # a shard like the weight: counted on every rank by the gradient norm
+            set_tensor_model_parallel_attributes(layer.bias, True, 0, 1)
+        return layer
+
+    def row(in_features, out_features, *, bias, tp_group, mp_config):
+        return _sequence_parallel_row_class(te)(in_features // world(tp_group), out_features, bias=bias,
+                                                params_dtype=mp_config.params_dtype, tp_group=tp_group,
+                                                reduce_scatter=reduce_scatter, device=target())  # fmt: skip
+
+    return column, row
+
+
+_ROW_CLASS: list = []
+
+
+def _sequence_parallel_row_class(te):
+    """A local TE linear whose output is reduce-scattered over the sequence before its bias is added
+    (one class per process, built on first use: TE is imported only on CUDA machines)."""
+    if not _ROW_CLASS:
+
+        class SequenceParallelTERow(te.Linear):
+            def __init__(self, in_local: int, out_features: int, *, bias: bool, params_dtype, tp_group, reduce_scatter,
+                         device: str = "cuda"):  # fmt: skip
+                super().__init__(in_local, out_features, bias=bias, return_bias=bias, params_dtype=params_dtype,
+                                 device=device, parallel_mode=None, init_method=lambda w: None)  # fmt: skip
+                self.tp_group, self.reduce_scatter = tp_group, reduce_scatter
+                if bias:  # gradient from this rank's positions only: summed over TP after backward
+                    self.bias.sequence_parallel = True
+
+            def forward(self, x):
+                out = super().forward(x)
+                out, bias = out if self.use_bias else (out, None)
+                out = self.reduce_scatter(out, self.tp_group)
+                return out if bias is None else out + bias
+
+        _ROW_CLASS.append(SequenceParallelTERow)
+    return _ROW_CLASS[0]

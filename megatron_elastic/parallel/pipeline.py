@@ -130,6 +130,40 @@ class PipelineStage(nn.Module):
         return output_logits(self, hidden)
 
 
+class _ZeroGradient(torch.autograd.Function):
+    """``value`` (default: a new zero scalar) as a function of ``anchor`` whose gradient is zero.
+
+    A forward-only item inside a training schedule (the teacher's) still gets a backward pass, and
+    the previous stage waits for the gradient of the activation it sent: this gives it zeros. The
+    value is returned as is (an alias, no copy)."""
+
+    @staticmethod
+    def forward(ctx, anchor, value=None):
+        ctx.like = (anchor.shape, anchor.dtype, anchor.device)
+        return anchor.new_zeros(()) if value is None else value
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.like
+        return torch.zeros(shape, dtype=dtype, device=device), None
+
+
+def frozen_forward(stage: PipelineStage, frozen: PipelineStage, tokens: torch.Tensor) -> tuple[torch.Tensor, Callable]:
+    """One schedule item of ``stage``'s training schedule that runs ``frozen`` instead (a no-grad model
+    split like ``stage``, e.g. the distillation teacher) on what the schedule delivered to ``stage``.
+    Returns (output, zero_loss): the output to send on (logits on the last stage, without a graph),
+    and on the last stage ``zero_loss()``, the item's loss for the schedule (zero, with a zero
+    gradient for the received activation)."""
+    received = stage._input
+    frozen.set_input_tensor(received)
+    with torch.no_grad():
+        out = frozen(tokens)
+    frozen.set_input_tensor(None)  # the schedule keeps the received tensor only as long as it needs it
+    if received is None:  # the first stage: its backward pass sends nothing
+        return out, lambda: torch.zeros((), device=out.device)
+    return (out if stage.last else _ZeroGradient.apply(received, out)), lambda: _ZeroGradient.apply(received)
+
+
 def _encoder_or_decoder():
     from megatron.core.enums import ModelType
 

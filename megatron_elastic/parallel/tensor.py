@@ -52,11 +52,11 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from megatron_elastic.model.elastic_state import LayerMask
 from megatron_elastic.model.hybrid import HybridBlock, HybridLM
 from megatron_elastic.model.layout import (
-    MambaLayout, TPComponent, attention_shard, component_layout, mamba_shard, shard_index, shard_slice,
+    MambaLayout, TPComponent, attention_shard, component_layout, mamba_shard, shard_index, shard_pieces, shard_slice,
 )  # fmt: skip
 from megatron_elastic.model.layers import MLP as MLPMixer
 from megatron_elastic.model.layers import Attention, GatedGroupRMSNorm, Mamba2Mixer, RMSNorm
@@ -101,6 +101,9 @@ def check_tp_divisibility(config: HybridConfig, tp_size: int, elastic_choices=No
     if tp == 1:
         return
     c = config
+    if MOE in c.layer_types:
+        raise ConfigError(f"parallel.tp={tp} with mixture-of-experts ('E') layers is not supported yet (experts are "
+                          "not split); use parallel.tp=1 with data or pipeline parallelism")  # fmt: skip
     if c.vocab_size % tp:
         padded = -(-c.vocab_size // tp) * tp
         raise ConfigError(f"model.vocab_size={c.vocab_size} is not divisible by parallel.tp={tp}; "
@@ -130,6 +133,9 @@ def check_fp8_divisibility(config: HybridConfig, tp_size: int = 1, elastic_choic
     from megatron_elastic.parallel.fp8 import FP8_MULTIPLE
 
     c, tp = config, tp_size
+    if MOE in c.layer_types:
+        raise ConfigError("parallel.fp8 with mixture-of-experts ('E') layers is not supported yet; "
+                          "set parallel.fp8.enabled=false")  # fmt: skip
     dims = {"model.hidden_size": c.hidden_size}
     for i, kind in enumerate(c.layer_types):
         d = c.layer_dims(i)
@@ -145,19 +151,29 @@ def check_fp8_divisibility(config: HybridConfig, tp_size: int = 1, elastic_choic
         if value % FP8_MULTIPLE:
             raise ConfigError(f"{what} = {value} is not a multiple of {FP8_MULTIPLE} as FP8 GEMMs need; "
                               f"resize the model or set parallel.fp8.enabled=false")  # fmt: skip
+    # Every child must run FP8 too: the per-rank GEMM widths of every choice (and of every Mamba
+    # heads x head-dim pair: in_proj packs [z, x, B, C, dt], so its width has an odd part per head).
     choices = _elastic_sizes(elastic_choices, config)
-    widths = {
-        "hidden": lambda k: k,
-        "ffn": lambda k: k,
-        "mamba_head_dim": lambda k: k,
-        "attn_heads": lambda k: k * c.head_dim,
-        "mamba_heads": lambda k: k * c.mamba_head_dim,
-    }
-    for axis, width in widths.items():
-        bad = [k for k in choices.get(axis, ()) if width(k) % FP8_MULTIPLE]
-        if bad:
-            raise ConfigError(f"elastic.{axis} size {bad[0]} gives a GEMM width {width(bad[0])} that is not a multiple of "
-                              f"{FP8_MULTIPLE} as FP8 needs; set elastic.multiple_of={FP8_MULTIPLE}")  # fmt: skip
+    kinds = set(c.layer_types)
+    G, N = c.mamba_num_groups, c.mamba_state_dim
+    widths: list[tuple[str, str, int]] = [("hidden", f"size {k} gives a hidden width", k) for k in choices.get("hidden", ())]
+    if MLP in kinds:
+        widths += [("ffn", f"size {k} gives a per-rank FFN width", k // tp) for k in choices.get("ffn", ())]
+    if ATTENTION in kinds:
+        widths += [("attn_heads", f"size {k} gives a per-rank query width", k * c.head_dim // tp)
+                   for k in choices.get("attn_heads", ())]  # fmt: skip
+    if MAMBA in kinds:
+        for k in choices.get("mamba_heads", (c.mamba_num_heads,)):
+            for p in choices.get("mamba_head_dim", (c.mamba_head_dim,)):
+                pair = f"size {k} with head dim {p} gives a per-rank Mamba"
+                widths += [("mamba_heads", f"{pair} d_inner", k * p // tp),
+                           ("mamba_heads", f"{pair} in_proj width", (2 * k * p + 2 * G * N + k) // tp)]  # fmt: skip
+    for axis, what, width in widths:
+        if width % FP8_MULTIPLE:
+            fix = (f"set elastic.multiple_of={FP8_MULTIPLE * (tp if axis == 'ffn' else 1)}" if axis in ("hidden", "ffn") else
+                   f"drop that elastic.{axis} choice or set parallel.fp8.enabled=false")  # fmt: skip
+            raise ConfigError(f"elastic.{axis} {what} of {width} at parallel.tp={tp}, not a multiple of "
+                              f"{FP8_MULTIPLE} as FP8 GEMMs need; {fix}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- layers
@@ -213,12 +229,9 @@ def _megatron_classes():
 
 
 def _te_linear_factories(sequence_parallel: bool = False):
-    if sequence_parallel:
-        raise ConfigError("sequence parallelism with the Transformer Engine layers is not supported; set parallel."
-                          "sequence_parallel=false or use the megatron-core layers (parallel.fp8.enabled=false)")  # fmt: skip
     from megatron_elastic.parallel.fp8 import te_linear_factories
 
-    return te_linear_factories()
+    return te_linear_factories(sequence_parallel, reduce_scatter=reduce_scatter_sequence)
 
 
 # The linear spec: which implementation builds the mixers' column / row parallel linears.
@@ -299,6 +312,11 @@ class _ReduceScatterSequence(torch.autograd.Function):
         return _all_gather_seq(grad, ctx.group, ctx.size), None, None, None
 
 
+def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """Partial sums over the whole sequence -> their total at this rank's positions (autograd-aware)."""
+    return _ReduceScatterSequence.apply(x, group, dist.get_world_size(group), dist.get_rank(group))
+
+
 class SequenceParallelRowLinear(nn.Module):
     """Row-parallel linear for sequence parallelism: local product with this rank's input columns,
     reduce-scatter over the sequence, then the (replicated) bias on this rank's positions."""
@@ -315,7 +333,7 @@ class SequenceParallelRowLinear(nn.Module):
             self.bias.sequence_parallel = True  # gradient from this rank's positions only: summed over TP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _ReduceScatterSequence.apply(nn.functional.linear(x, self.weight), self.group, self.size, self.rank)
+        out = reduce_scatter_sequence(nn.functional.linear(x, self.weight), self.group)
         return out if self.bias is None else out + self.bias
 
 
@@ -710,15 +728,6 @@ def split_tp_state_dict(full: dict, config: HybridConfig, tp_rank: int, tp_size:
     check_tp_divisibility(config, tp_size)
     out = {}
     for name, tensor in full.items():
-        if not torch.is_tensor(tensor):
-            continue
-        pieces = []
-        for c in component_layout(config, name, tensor.dim(), 1):
-            whole = tensor[c.local_slice]
-            if c.shard_axis is None:
-                pieces.append(whole)
-            else:
-                s = shard_slice(whole.shape[c.shard_axis], tp_size, tp_rank)
-                pieces.append(whole.narrow(c.shard_axis, s.start, s.stop - s.start))
-        out[name] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)).clone()
+        if torch.is_tensor(tensor):
+            out[name] = torch.cat([tensor[p] for p in shard_pieces(config, name, tensor.shape, tp_size, tp_rank)])
     return out

@@ -7,10 +7,13 @@ objective, the metric keys), and replace only what a layout changes:
 
 * the model: the single-device model is built on every rank from the same seed, then tensor
   parallelism is applied (``parallel.tensor.apply_tensor_parallel``) and the rank keeps its
-  pipeline stage (``parallel.pipeline``);
+  pipeline stage (``parallel.pipeline``); the elastic parent and its frozen teacher (in the compute
+  dtype) are split the same way on the meta device and each rank reads only its own blocks of the
+  parent's files (``parallel.loading``);
 * the step's execution: at ``pp == 1`` the single-process loop; at ``pp > 1`` megatron-core's 1F1B
-  schedule, one schedule micro-batch per (micro-batch, budget) pair. The frozen teacher runs once per
-  micro-batch (forward-only schedule, same stage split) before the students;
+  schedule, one schedule micro-batch per (micro-batch, budget) pair, each micro-batch's led by a
+  teacher item: the frozen teacher (same stage split) runs forward once per micro-batch inside the
+  student's schedule, and its logits live on the last stage only until that micro-batch's budgets are done;
 * the losses: vocab-parallel cross-entropy and KL (:mod:`parallel.losses`) under ``tp > 1``;
 * precision and the optimizer: with ``train.params_dtype=bfloat16`` or ``parallel.distributed_optimizer``
   the model is wrapped in megatron-core's DDP and optimized by megatron-core's mixed-precision or
@@ -22,14 +25,16 @@ objective, the metric keys), and replace only what a layout changes:
   and TP shards;
 * budgets and Gumbel noise are keyed by the *global* micro-batch index ``micro * dp + dp_rank``, so
   a data-parallel run draws exactly what a single process draws for the same samples;
-* output: metrics, trackers and the many-in-one checkpoint (of the gathered single-device parent)
-  only on the first rank of the last stage; every rank agrees to stop after a signal reaches any of them.
+* output: metrics, trackers and the many-in-one checkpoint only on the first rank of the last stage (a
+  sharded parent streamed there tensor by tensor, never whole); every rank agrees to stop after a
+  signal reaches any of them.
 """
 
 from __future__ import annotations
 
-import copy
+import weakref
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,6 +42,7 @@ import torch.distributed as dist
 from megatron_elastic.config import dump_config
 from megatron_elastic.distill.nested import Tally, means
 from megatron_elastic.errors import ConfigError
+from megatron_elastic.model.config import MOE
 from megatron_elastic.parallel.data import allreduce_gradients
 from megatron_elastic.parallel.groups import ParallelGroups
 from megatron_elastic.tracking import MultiTracker, build_trackers
@@ -51,6 +57,9 @@ class ParallelMixin:
 
     def _setup_parallel(self, groups: ParallelGroups, cfg) -> dict:
         self.groups = groups
+        if groups.distributed and MOE in cfg.model.layer_types:
+            raise ConfigError("mixture-of-experts ('E') layers train in a single process for now (the sharded "
+                              "checkpoint has no expert layout yet); run without torchrun / srun, one rank")  # fmt: skip
         if groups.tp_size > 1:
             from megatron_elastic.parallel.tensor import check_tp_divisibility
 
@@ -103,7 +112,9 @@ class ParallelMixin:
         if g.pp_size > 1:
             from megatron_elastic.parallel.pipeline import build_stage, mcore_pipeline_config
 
+            # stages exchange activations in the parameters' dtype (a bf16 teacher sends bf16)
             mcfg = mcore_pipeline_config(hidden_size=model.config.hidden_size, tp=g.tp_size, pp=g.pp_size,
+                                         dtype=next(model.parameters()).dtype,
                                          sequence_parallel=self.cfg.parallel.sequence_parallel)  # fmt: skip
             model = build_stage(model, g.pp_size, g.pp_rank, mcore_config=mcfg)
         return model
@@ -287,19 +298,26 @@ class ParallelTrainer(ParallelMixin, Trainer):
 
 
 class ParallelElasticTrainer(ParallelMixin, ElasticTrainer):
-    """Elastic nested distillation over a TP x PP x DP layout (teacher split like the student)."""
+    """Elastic nested distillation over a TP x PP x DP layout (student and teacher read split from the files)."""
 
-    def __init__(self, cfg, data, *, depth_order, parent, groups: ParallelGroups):
+    def __init__(self, cfg, data, *, depth_order, parent: str | Path, groups: ParallelGroups):
+        """``parent``: the parent model directory (native or Hugging Face); every rank reads its own part."""
         kw = self._setup_parallel(groups, cfg)
-        self._student = parent
-        # ElasticTrainer deep-copies `_parent` into the teacher: give it the plain single-device
-        # parent (before TP swaps in modules holding process groups), then parallelize the copy.
-        super().__init__(cfg, data, depth_order=depth_order, parent=copy.deepcopy(parent), **kw)
-        self.teacher = self._parallelize(self.teacher).to(self.device).eval().requires_grad_(False)
-        self._parent = None
+        self.parent_dir = Path(parent)
+        super().__init__(cfg, data, depth_order=depth_order, parent=None, **kw)
+
+    def load_parent(self, dtype: torch.dtype):
+        """This rank's part of the parent (its pipeline stage, TP-sharded) in ``dtype`` on the device, read
+        from the parent's files: only this part is ever read or held."""
+        from megatron_elastic.parallel.loading import load_shards
+
+        return load_shards(self.parent_dir, self._parallelize, dtype=dtype, device=self.device, what="elastic.parent")
 
     def build_model(self):
-        return self._trained_model(self._student)
+        return self.load_parent(self.params_dtype)
+
+    def build_teacher(self):
+        return self.load_parent(self.teacher_dtype())  # from the files too: no copy of the student
 
     def nested_losses(self) -> dict:
         if self.groups.tp_size == 1:
@@ -325,38 +343,54 @@ class ParallelElasticTrainer(ParallelMixin, ElasticTrainer):
         allreduce_gradients(router, g.dp)
 
     # ------------------------------------------------------------------ the nested step's execution
+    teacher_logits_peak = 0  # the most teacher logits alive at once on this rank (pp > 1), over the run
+
     def nested_forward_backward(self, tau: float, scale: float, tally: Tally) -> None:
-        """pp == 1: the single-process loop; pp > 1: megatron-core's 1F1B schedule, one schedule
-        micro-batch per (micro-batch, budget) item, after a forward-only teacher pass."""
+        """pp == 1: the single-process loop. pp > 1: megatron-core's 1F1B schedule over, per micro-batch,
+        one teacher item (the frozen teacher, split like the student, run forward only on every stage:
+        ``pipeline.frozen_forward``) and then one item per budget. The last stage keeps the teacher's
+        logits from the teacher item to the micro-batch's last budget and drops them there, so one
+        micro-batch's logits are alive at a time, however many micro-batches the step has."""
         if self.groups.pp_size == 1:
             return super().nested_forward_backward(tau, scale, tally)
+        from megatron_elastic.parallel.pipeline import frozen_forward
+
         tokens_seen = self.consumed_samples * self.cfg.data.seq_len
         batches = self._next_micro_batches()
         chosen = [self.nested.budgets_of(self.step, self.global_micro(m), tokens_seen) for m in range(len(batches))]
-        teacher = self._teacher_logits(batches)
-        items = [(m, b) for m in range(len(batches)) for b in chosen[m]]
+        items = [(m, j) for m in range(len(batches)) for j in range(-1, len(chosen[m]))]  # j = -1: the teacher
+        # The schedule divides every item's loss by len(items); the teacher items add nothing.
+        weight = len(items) / sum(len(c) for c in chosen)
+        teacher: dict[int, torch.Tensor] = {}
+        refs = self.__dict__.setdefault("_teacher_refs", [])
 
         def fwd(item, stage):
-            m, b_idx = item
+            m, j = item
+            tokens, labels = batches[m]
+            if j < 0:
+                self.teacher_forwards += 1
+                with self._autocast():
+                    out, zero_loss = frozen_forward(stage, self.teacher, tokens)
+
+                def keep(logits):
+                    teacher[m] = logits
+                    refs[:] = [r for r in refs if r() is not None] + [weakref.ref(logits)]
+                    self.teacher_logits_peak = max(self.teacher_logits_peak, len(refs))
+                    return zero_loss(), {}
+
+                return out, keep
+            b_idx = chosen[m][j]
             state, cost, rl = self.nested.route(self.step, self.global_micro(m), b_idx, tau, scale)
             with self._autocast():
-                out = stage(batches[m][0], elastic=state)
-            return out, (lambda logits: (self.nested.objective(logits, teacher[m], batches[m][1], b_idx, cost, rl,
-                                                               tally), {}))  # fmt: skip
+                out = stage(tokens, elastic=state)
+
+            def loss(logits):
+                t = teacher.pop(m) if j == len(chosen[m]) - 1 else teacher[m]
+                return self.nested.objective(logits, t, labels, b_idx, cost, rl, tally) * weight, {}
+
+            return out, loss
 
         self._run_schedule(self.model, fwd, items, tokens=batches[0][0])
-
-    def _teacher_logits(self, batches) -> list:
-        """Teacher logits per micro-batch on the last stage (forward-only schedule), one teacher forward each."""
-        self.teacher_forwards += len(batches)
-        out: list = []
-
-        def fwd(item, stage):
-            with torch.no_grad(), self._autocast():
-                return stage(item[0]), (lambda logits: (out.append(logits.detach()) or torch.zeros(()), {}))
-
-        self._run_schedule(self.teacher, fwd, batches, tokens=batches[0][0], forward_only=True)
-        return out
 
     def reduce_means(self, tally: Tally) -> dict[str, float]:
         return self._reduce_sums(tally.sums, tally.counts) if self.is_last_stage else {}
@@ -366,7 +400,21 @@ class ParallelElasticTrainer(ParallelMixin, ElasticTrainer):
         return self._share_metrics(metrics if self.is_last_stage else None)
 
     def export_model(self):
-        from megatron_elastic.checkpoint.dist import gather_full_model
+        """The parent for the many-in-one checkpoint; every rank takes part. Data parallelism only: the
+        model itself on the first rank. Sharded (TP or PP): its tensors, assembled one at a time on the
+        logging rank (:func:`~megatron_elastic.checkpoint.dist.stream_full_tensors`) while it writes
+        them, so no rank holds more than about one full tensor; the other ranks send their pieces here
+        and return None. ``self.export_stats``: this rank's own count of what it held."""
+        g = self.groups
+        if g.pp_size == 1 and g.tp_size == 1:
+            return self.model if g.is_logging_rank else None
+        from megatron_elastic.checkpoint.dist import ExportStats, stream_full_tensors
+        from megatron_elastic.convert.native import NativeTensors
 
-        # the single-device parent on the logging rank, None elsewhere (every rank takes part)
-        return gather_full_model(self.model, self.optimizer, self.groups, self.cfg.model, self.router)
+        self.export_stats = ExportStats()
+        tensors = stream_full_tensors(self.model, g, self.cfg.model, stats=self.export_stats)
+        if g.is_logging_rank:
+            return NativeTensors(self.cfg.model, tensors)  # consumed by manyinone.save
+        for _ in tensors:  # yields nothing here: runs this rank's sends
+            pass
+        return None

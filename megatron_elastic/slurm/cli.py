@@ -65,10 +65,11 @@ def build_request(args):
     cfg.parallel.resolve_dp(args.nodes * tasks)  # the TP x PP layout must tile the world
     if not submit.TRAIN_ENTRY.is_file():
         raise UserError(f"training entry {submit.TRAIN_ENTRY} is missing; run from a full checkout of megatron-elastic")
+    run_dir = Path(cfg.run_dir).resolve()
     return submit.LaunchRequest(
         config=str(resolve_recipe(args.config).resolve()),
         overrides=list(args.overrides),
-        run_dir=Path(cfg.run_dir).resolve(),
+        run_dir=run_dir,
         nodes=args.nodes,
         gpus_per_node=gpus,
         tasks_per_node=tasks,
@@ -82,6 +83,10 @@ def build_request(args):
         signal_s=args.signal_before,
         max_requeues=args.max_requeues,
         srun_args=prof.srun_args,
+        mem=prof.mem,
+        exclusive=prof.exclusive,
+        container_image=prof.container_image,
+        container_mounts=submit.container_mounts(cfg, run_dir, prof.container_mounts) if prof.container_image else [],
         env=prof.env,
         python=prof.python or sys.executable,
         folder=Path(args.folder).resolve() if args.folder else None,
@@ -94,6 +99,9 @@ def cmd_launch_slurm(args) -> int:
     from megatron_elastic.slurm import cluster, submit
 
     req = build_request(args)
+    if not args.profile:
+        print("[launch] warning: no --profile named: partition, CPUs per task (1), NCCL and container settings are "
+              "the cluster's defaults; see slurm/profiles/ and docs/slurm.md", file=sys.stderr)  # fmt: skip
     if args.dry_run and shutil.which("sinfo") is None:
         print("[launch] sinfo not found: the request was not checked against a cluster", file=sys.stderr)
     else:

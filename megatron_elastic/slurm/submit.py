@@ -95,6 +95,21 @@ class LaunchRequest:
     env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
     folder: Path | None = None
+    mem: str = "0"
+    """``--mem`` per node; ``0`` = all of it."""
+    exclusive: bool = True
+    """Whole nodes: no other job shares the GPUs' PCIe, NVLink and InfiniBand links or the host memory."""
+    container_image: str | None = None
+    """pyxis image around every task; the mounts below are added for it."""
+    container_mounts: list[str] = field(default_factory=list)
+    """``SRC:DST`` mounts for the container: the checkout, the run directory, the recipe's inputs, the profile's."""
+
+    def srun_arguments(self) -> list[str]:
+        """Extra ``srun`` arguments: the container's (pyxis), then the profile's own."""
+        if not self.container_image:
+            return list(self.srun_args)
+        return [f"--container-image={self.container_image}", f"--container-mounts={','.join(self.container_mounts)}",
+                f"--container-workdir={REPO_ROOT}", "--no-container-mount-home", *self.srun_args]  # fmt: skip
 
     @property
     def log_folder(self) -> Path:
@@ -108,7 +123,10 @@ class LaunchRequest:
             # A stray USR1 to the batch shell itself (scancel -b) must not kill it: it has to requeue.
             "trap 'echo \"[slurm] batch shell got a stop signal; the tasks get it from Slurm\"' USR1 USR2",
             f"export MEGATRON_ELASTIC_MAX_REQUEUES={self.max_requeues}",
-            'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
+            # srun does not inherit sbatch's --cpus-per-task since Slurm 22.05; threads follow the CPUs a rank
+            # has, not whatever OMP_NUM_THREADS the submitting shell had (a profile may still set it below).
+            f"export SRUN_CPUS_PER_TASK={self.cpus_per_task}",
+            f"export OMP_NUM_THREADS={self.cpus_per_task}",
             *(f"export {k}={shlex.quote(v)}" for k, v in self.env.items()),
             'echo "[slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
         ]
@@ -120,10 +138,13 @@ class LaunchRequest:
             "cpus_per_task": self.cpus_per_task,
             "setup": setup,
             "teardown": list(_REQUEUE_LINES),
-            "srun_args": list(self.srun_args),
+            "srun_args": self.srun_arguments(),
+            "mem": self.mem,
             # submitit's own default is USR2@90 handled by submitit's requeue; ours is USR1, see above.
             "additional_parameters": {"signal": f"USR1@{self.signal_s}", "requeue": True},
         }
+        if self.exclusive:
+            params["exclusive"] = True
         if self.gpus_per_node:
             params["gpus_per_node"] = self.gpus_per_node
         for key in ("partition", "account", "qos", "constraint"):
@@ -133,6 +154,21 @@ class LaunchRequest:
 
     def task(self) -> "TrainTask":
         return TrainTask(python=self.python, entry=str(TRAIN_ENTRY), config=self.config, overrides=list(self.overrides))
+
+
+def container_mounts(cfg, run_dir: Path, extra: list[str]) -> list[str]:
+    """pyxis mounts for a run: the checkout, the run directory, the directories of the recipe's inputs
+    (data prefixes, tokenizer, parent, ranking) that lie outside both, then ``extra``; each at its own path."""
+    inputs = (cfg.data.train_prefix, cfg.data.valid_prefix, cfg.data.tokenizer)
+    dirs = [Path(p).resolve().parent for p in inputs if p and p != "builtin"]
+    if cfg.elastic is not None:
+        dirs += [Path(p).resolve() for p in (cfg.elastic.parent,) if p]
+        dirs += [Path(p).resolve().parent for p in (cfg.elastic.ranking,) if p]
+    mounts: list[Path] = []
+    for d in [REPO_ROOT, run_dir.resolve(), *dirs]:
+        if not any(d == m or m in d.parents for m in mounts):
+            mounts = [m for m in mounts if d not in m.parents] + [d]
+    return [f"{m}:{m}" for m in mounts] + list(extra)
 
 
 def batch_script(req: LaunchRequest) -> str:

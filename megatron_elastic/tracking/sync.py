@@ -13,15 +13,19 @@ from megatron_elastic.errors import UserError
 
 
 def _run_tracking_section(run_dir: Path) -> dict:
-    import yaml
+    from megatron_elastic.config.loader import read_yaml
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
-    try:
-        return (yaml.safe_load(path.read_text()) or {}).get("tracking") or {}
-    except yaml.YAMLError:
-        return {}
+    raw = read_yaml(path, "run config") or {}
+    section = (raw.get("tracking") or {}) if isinstance(raw, dict) else None
+    timeout = section.get("mlflow_timeout_s", 10) if isinstance(section, dict) else None
+    uri = section.get("mlflow_uri") or "" if isinstance(section, dict) else None
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1 or not isinstance(uri, str):
+        raise UserError(f"{str(path)!r} has no valid tracking section; it is not a run's config.yaml (restore it "
+                        "from a checkpoint's config.yaml)")  # fmt: skip
+    return section
 
 
 def sync(run_dir: Path, uri: str = "", *, timeout_s: int | None = None, say=None) -> dict:
@@ -57,6 +61,8 @@ def sync(run_dir: Path, uri: str = "", *, timeout_s: int | None = None, say=None
 def cmd_sync(args) -> int:
     from megatron_elastic.tracking.mlflow_backend import Redactor
 
+    if args.timeout is not None and args.timeout < 1:
+        raise UserError(f"--timeout {args.timeout} is invalid; give the seconds one request may take (>= 1)")
     hide = Redactor(args.tracking_uri or "")
     out = sync(Path(args.run_dir), args.tracking_uri, timeout_s=args.timeout,
                say=lambda text: print(hide(text), file=sys.stderr, flush=True))  # fmt: skip

@@ -19,13 +19,13 @@ at the router's argmax architecture, and at the end the many-in-one checkpoint
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
 
 from megatron_elastic.config import RunConfig
+from megatron_elastic.convert.native import NativeTensors
 from megatron_elastic.distill.nested import NestedStep, Tally, means
 from megatron_elastic.elastic import manyinone
 from megatron_elastic.elastic.costs import Cost
@@ -36,6 +36,7 @@ from megatron_elastic.elastic.selection import BudgetSelection, budget_tag
 from megatron_elastic.elastic.space import hard_state
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model import HybridLM
+from megatron_elastic.model.hybrid import cast_copy
 from megatron_elastic.training.trainer import METRICS_FILE, Trainer, build_optimizer
 
 
@@ -45,14 +46,19 @@ def check_same_space(path: Path, space, budgets: list[float]) -> None:
     meta = path / "elastic.json"
     if not meta.is_file():
         return
-    saved = json.loads(meta.read_text())
+    from megatron_elastic.utils.io import read_json
+
+    saved = read_json(meta, "elastic metadata")
     if saved.get("space") != json.loads(json.dumps(space.to_dict())) or saved.get("budgets") != list(budgets):
         raise ConfigError(f"checkpoint {str(path)!r} was trained with another elastic space (choices, budgets or "
                           "depth order differ); resume with the same elastic settings or use a new run_dir")  # fmt: skip
 
 
 class ElasticTrainer(Trainer):
-    def __init__(self, cfg: RunConfig, data, *, depth_order: list[int] | None, parent: HybridLM, **kw):
+    def __init__(self, cfg: RunConfig, data, *, depth_order: list[int] | None, parent: HybridLM | None, **kw):
+        """``parent``: the model to elastify (the student, trained in place); the teacher is a copy of it
+        (:meth:`build_teacher`). None for a subclass whose :meth:`build_model` and :meth:`build_teacher`
+        build both (the parallel trainer reads them from the parent's files)."""
         if cfg.elastic is None:
             raise ConfigError("the elastic trainer needs an elastic section in the config")
         self._parent = parent
@@ -64,7 +70,7 @@ class ElasticTrainer(Trainer):
         super().__init__(cfg, data, **kw)
         self.router.to(self.device)
         # The teacher is the frozen original parent: same weights as the student at step 0.
-        self.teacher = copy.deepcopy(self._parent).to(self.device).eval().requires_grad_(False)
+        self.teacher = self.build_teacher().eval().requires_grad_(False)
         self.teacher_forwards = 0
         self.in_stage2 = False
         self.selection = BudgetSelection(self.space, self.router, Cost.from_config(e, self.space), self.budgets,
@@ -77,10 +83,22 @@ class ElasticTrainer(Trainer):
         )  # fmt: skip
         self.nested = NestedStep(self.selection, self.sampler, elastic=e, distill=d, seed=cfg.train.seed,
                                  max_steps=cfg.train.max_steps, **self.nested_losses())  # fmt: skip
+        for line in self.space.rounding():  # a fraction that became another size is said once, with the size used
+            self.tracker.message(f"[elastic] {line}")
 
     # ------------------------------------------------------------------ building
     def build_model(self) -> HybridLM:
         return self._parent
+
+    def teacher_dtype(self) -> torch.dtype:
+        """The dtype the frozen teacher is held in: the compute dtype (bf16 when the run computes in bf16,
+        else fp32), never a full-precision duplicate of the student."""
+        return torch.bfloat16 if self.autocast_dtype == torch.bfloat16 else torch.float32
+
+    def build_teacher(self) -> torch.nn.Module:
+        """The frozen teacher on the device: the parent's weights at step 0 in :meth:`teacher_dtype`, copied
+        tensor by tensor (a bf16 teacher of an fp32 parent never passes through a second fp32 copy)."""
+        return cast_copy(self._parent, self.teacher_dtype(), self.device)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         opt = build_optimizer(self.model, self.cfg.train)
@@ -210,8 +228,9 @@ class ElasticTrainer(Trainer):
         return out
 
     # ------------------------------------------------------------------ outputs
-    def export_model(self) -> torch.nn.Module | None:
-        """The single-device parent to write into the many-in-one checkpoint on this rank (None: not here)."""
+    def export_model(self) -> HybridLM | NativeTensors | None:
+        """The single-device parent to write into the many-in-one checkpoint on this rank (None: not
+        here): the model, or its tensors as a stream (a sharded parallel run)."""
         return self.model if self.dp_rank == 0 else None
 
     def on_finished(self) -> None:

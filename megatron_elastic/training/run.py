@@ -82,6 +82,49 @@ def check_resume(cfg: RunConfig) -> Path | None:
     return latest
 
 
+# Bytes per parameter a single-process run holds at least: fp32 weights, gradients and the two AdamW
+# moments; an elastic run also holds the frozen parent it loads and the teacher copied from it.
+TRAIN_BYTES_PER_PARAM = 16
+ELASTIC_EXTRA_BYTES_PER_PARAM = 8
+
+
+def available_memory(device) -> int:
+    """Bytes free on ``device`` (a torch.device): CUDA's free memory, or the host's available memory."""
+    import os
+
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_can_run(cfg: RunConfig) -> None:
+    """Before any data or model of a single-process run: the device exists, the run directory can be
+    written, and the parameters with their gradients and optimizer state fit in the device's memory
+    (a lower bound, activations not counted: a model refused here could never have run)."""
+    from megatron_elastic.model.config import num_parameters
+    from megatron_elastic.training.trainer import resolve_device
+    from megatron_elastic.utils.io import check_writable
+
+    device = resolve_device(cfg.train.device)
+    check_writable(cfg.run_dir, "run_dir")
+    if cfg.data.cache_dir:
+        check_writable(cfg.data.cache_dir, "data.cache_dir")
+    params = sum(num_parameters(cfg.model).values())
+    need = params * (TRAIN_BYTES_PER_PARAM + (ELASTIC_EXTRA_BYTES_PER_PARAM if cfg.elastic is not None else 0))
+    free = available_memory(device)
+    if need > free:
+        raise UserError(f"the model has {params:,} parameters: training them needs at least {need / 2**30:,.1f} GiB "
+                        f"(weights, gradients, AdamW state) but {device.type} has {free / 2**30:,.1f} GiB free; "
+                        "shrink the model or train it in parallel (launch/train.py with parallel.tp / pp)")  # fmt: skip
+
+
 def run_training(cfg: RunConfig):
     """Train ``cfg`` in this process (resuming its run directory) and return the
     :class:`~megatron_elastic.training.trainer.TrainResult`; an elastic section trains every budget
@@ -105,6 +148,7 @@ def _train(cfg: RunConfig):
     run = resolve_elastic_run(cfg) if cfg.elastic is not None else None
     if run is not None:
         cfg = run.cfg
+    check_can_run(cfg)
     check_resume(cfg)
     data = build_training_data(cfg)  # every input checked before the model is built
     if run is not None:

@@ -23,6 +23,7 @@ from megatron_elastic.config import RunConfig, dump_config
 from megatron_elastic.distill.losses import cross_entropy
 from megatron_elastic.model import HybridLM
 from megatron_elastic.model.hybrid import set_recompute
+from megatron_elastic.model.moe import set_moe_balancing, update_expert_bias
 from megatron_elastic.model.params import NO_DECAY
 from megatron_elastic.tracking import MultiTracker, build_trackers
 from megatron_elastic.training.schedule import lr_at
@@ -86,6 +87,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model = self.build_model().to(self.device)
         set_recompute(self.model, tc.recompute)  # after build_model: on the parallel blocks too
+        set_moe_balancing(self.model, tc.moe_aux_loss_coeff, self.grad_accum)
         self.optimizer = self.build_optimizer()
         self.tracker = tracker if tracker is not None else build_trackers(cfg)
         use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")
@@ -145,6 +147,8 @@ class Trainer:
         self.restore_loader(state)
         ckpt.set_rng_state(rng)
         self._truncate_metrics(self.step)
+        if self.dp_rank == 0:  # a save killed between moving `latest` and pruning left one too many
+            ckpt.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last, resumed=latest)
         self.resumed_from = latest
         return True
 
@@ -259,9 +263,10 @@ class Trainer:
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
 
     def optimizer_step(self) -> None:
-        """Apply the accumulated gradients and count the step."""
+        """Apply the accumulated gradients (and the MoE routers' balancing step) and count the step."""
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        update_expert_bias(self.model, self.cfg.train.moe_bias_update_rate)
         self.step += 1
         self.consumed_samples += self.cfg.train.global_batch_size
 

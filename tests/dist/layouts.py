@@ -45,25 +45,26 @@ def make_parent(root: Path) -> None:
     (root / "importance" / "ranking.json").write_text(json.dumps({"depth": {"method": "given", "order": DEPTH_ORDER}}))
 
 
-def config(kind: str, root: Path, run_dir: Path, extra: tuple = ()):
+def config(kind: str, root: Path, run_dir: Path, overrides: tuple = ()):
     from megatron_elastic.config import load_config
     from megatron_elastic.training.run import resolve_elastic_run
 
     if kind == "plain":
-        return load_config("tiny", [*PLAIN, f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}", *extra]), None
+        return load_config("tiny", [*PLAIN, f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}", *overrides]), None
     cfg = load_config("elastic-tiny", [*ELASTIC, f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}",
-                                       f"elastic.parent={root / 'importance' / 'parent'}", *extra])  # fmt: skip
+                                       f"elastic.parent={root / 'importance' / 'parent'}", *overrides])  # fmt: skip
     run = resolve_elastic_run(cfg)
     return run.cfg, run.depth_order
 
 
-def train(kind: str, root: Path, run_dir: Path, groups=None, extra: tuple = ()) -> int:
-    """Train run ``run_dir`` to the end: the single-process trainers when ``groups`` is None.
-    ``extra``: config overrides (``train.params_dtype=...``, ``parallel.distributed_optimizer=true``)."""
+def train(kind: str, root: Path, run_dir: Path, groups=None, overrides: tuple = ()) -> int:
+    """Train run ``run_dir`` to the end: the single-process trainers when ``groups`` is None. A parallel
+    elastic run leaves ``probe-rank<r>.json`` per rank: the most teacher logits alive at once and what
+    the many-in-one export held (the trainer's own counts)."""
     from megatron_elastic.api import load_pretrained
     from megatron_elastic.training.data_setup import build_training_data
 
-    cfg, order = config(kind, root, run_dir, extra)
+    cfg, order = config(kind, root, run_dir, overrides)
     dp_rank, dp_size = (groups.dp_rank, groups.dp_size) if groups else (0, 1)
     data = build_training_data(cfg, dp_rank=dp_rank, dp_world_size=dp_size, log=lambda m: None)
     if groups is None:
@@ -78,8 +79,15 @@ def train(kind: str, root: Path, run_dir: Path, groups=None, extra: tuple = ()) 
 
     if kind == "plain":
         return ParallelTrainer(cfg, data, groups=groups).fit().exit_code
-    parent = load_pretrained(cfg.elastic.parent).train()
-    return ParallelElasticTrainer(cfg, data, depth_order=order, parent=parent, groups=groups).fit().exit_code
+    trainer = ParallelElasticTrainer(cfg, data, depth_order=order, parent=cfg.elastic.parent, groups=groups)
+    code = trainer.fit().exit_code
+    stats = getattr(trainer, "export_stats", None)
+    export = None if stats is None else {k: getattr(stats, k) for k in ("peak_bytes", "largest_tensor_bytes", "tensors",
+                                                                        "held_bytes")}  # fmt: skip
+    probe = {"teacher_logits_peak": trainer.teacher_logits_peak, "is_logging_rank": groups.is_logging_rank,
+             "export": export}  # fmt: skip
+    (run_dir / f"probe-rank{groups.rank}.json").write_text(json.dumps(probe))
+    return code
 
 
 def _worker(rank: int, port: int, world: int, tp: int, pp: int, root: str, runs: list) -> None:
@@ -94,13 +102,13 @@ def _worker(rank: int, port: int, world: int, tp: int, pp: int, root: str, runs:
     try:
         groups = build_groups(tp, pp, device=torch.device("cpu"))
         assert (groups.tp_size, groups.pp_size) == (tp, pp)
-        for kind, run_dir, *extra in runs:
-            assert train(kind, Path(root), Path(root) / run_dir, groups, tuple(extra)) == 0, run_dir
+        for kind, run_dir, *overrides in runs:
+            assert train(kind, Path(root), Path(root) / run_dir, groups, tuple(*overrides)) == 0, run_dir
     finally:
         destroy_parallel()
 
 
-def train_one_rank(kind: str, root: Path, run_dir: Path, extra: tuple = ()) -> int:
+def train_one_rank(kind: str, root: Path, run_dir: Path, overrides: tuple = ()) -> int:
     """The parallel trainers in this process as a one-rank layout (a one-process gloo group: DP=1)."""
     import mcore_cpu_shim
 
@@ -109,14 +117,14 @@ def train_one_rank(kind: str, root: Path, run_dir: Path, extra: tuple = ()) -> i
     mcore_cpu_shim.install()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        return train(kind, root, run_dir, build_groups(1, 1, device=torch.device("cpu")), extra)
+        return train(kind, root, run_dir, build_groups(1, 1, device=torch.device("cpu")), overrides)
     finally:
         destroy_parallel()
 
 
 def spawn_layout(root: Path, *, tp: int, pp: int, runs: list, dp: int = 1, timeout: float = 300) -> None:
-    """Train ``runs`` ([(kind, run_dir name, *config overrides)]) on a tp x pp x dp layout of real gloo processes;
-    assert every exit code is 0."""
+    """Train ``runs`` ([(kind, run_dir name[, config overrides])]) on a tp x pp x dp layout of real gloo
+    processes; assert every exit code is 0."""
     world = tp * pp * dp
     spawn_ranks(_worker, world, tp, pp, str(root), runs, world=world, timeout=timeout)
 
@@ -166,3 +174,35 @@ def assert_same_parent(root: Path, run: str) -> None:
         diff = got[key] - value
         assert float(diff.norm() / value.norm()) < RTOL, key
         assert float(diff.abs().max()) <= moved, key
+
+
+def probes(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("probe-rank*.json"))]
+
+
+def assert_streamed_export(run_dir: Path) -> None:
+    """The many-in-one parent a sharded run streamed to its logging rank equals, byte for byte, the
+    single-process export (``save_native``) of the same weights: its last checkpoint (written by every
+    rank, nothing gathered) read into one single-device model. Every rank's export held at most
+    2 full tensors' worth of buffers (the writer: TP pieces + the assembled tensor), by its own count."""
+    from megatron_elastic.checkpoint.dist import load_checkpoint
+    from megatron_elastic.config import TrainConfig
+    from megatron_elastic.convert.native import read_native_config, save_native
+    from megatron_elastic.model import HybridLM
+    from megatron_elastic.training.trainer import build_optimizer
+
+    exported = run_dir / "many-in-one"
+    root = run_dir / "checkpoints"
+    model = HybridLM(read_native_config(exported), init=False)
+    last = root / (root / "latest").read_text().strip()
+    load_checkpoint(last, model=model, optimizer=build_optimizer(model, TrainConfig()))
+    save_native(model, run_dir.parent / f"{run_dir.name}_single_export")
+    got = (exported / "model.safetensors").read_bytes()
+    assert got == (run_dir.parent / f"{run_dir.name}_single_export" / "model.safetensors").read_bytes()
+    ranks = probes(run_dir)
+    writer = [p["export"] for p in ranks if p["is_logging_rank"]]
+    assert len(writer) == 1 and writer[0]["tensors"] == len(model.state_dict())
+    for p in ranks:
+        e = p["export"]
+        assert e["held_bytes"] == 0 and e["peak_bytes"] <= 2 * e["largest_tensor_bytes"], e
+    assert writer[0]["peak_bytes"] >= writer[0]["largest_tensor_bytes"] // 2  # it really assembled or received tensors

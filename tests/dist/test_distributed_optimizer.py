@@ -20,8 +20,8 @@ def root(layout_root):
 def test_distributed_optimizer_dp2_matches_single_process_and_reshards(root):
     assert train_one_rank("plain", root, root / "dopt_dp1", DOPT) == 0
     resume_copy(root / "dopt_dp1", root / "dp1_then_dp2", SAVE_AT)
-    spawn_layout(root, tp=1, pp=1, dp=2, runs=[("plain", "dopt_dp2", *DOPT), ("plain", "dp1_then_dp2", *DOPT),
-                                               ("elastic", "elastic_dopt_dp2", *DOPT)])  # fmt: skip
+    spawn_layout(root, tp=1, pp=1, dp=2, runs=[("plain", "dopt_dp2", DOPT), ("plain", "dp1_then_dp2", DOPT),
+                                               ("elastic", "elastic_dopt_dp2", DOPT)])  # fmt: skip
     want = trace(root / "single")
     assert len(want) == STEPS
     # Float32 throughout; the distributed optimizer runs the same AdamW element by element on its

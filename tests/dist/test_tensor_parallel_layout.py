@@ -151,11 +151,18 @@ def test_fp8_dimension_checks():
 
     big = preset("nemotron-nano-12b-v2")
     check_fp8_divisibility(big, 8)
-    space = ElasticSpace(big, hidden=[1.0, 0.75], ffn=[1.0, 0.5], mamba_heads=[1.0, 0.75], multiple_of=16)
+    space = ElasticSpace(big, hidden=[1.0, 0.875, 0.75], ffn=[1.0, 0.77, 0.5], attn_heads=[1.0, 0.5], multiple_of=128)
     check_fp8_divisibility(big, 8, space)
-    with pytest.raises(ConfigError, match=r"^elastic.ffn size 20472 gives a GEMM width 20472 that is not a multiple of 16 "
-                                          r"as FP8 needs; set elastic.multiple_of=16$"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^elastic.ffn size 20472 gives a per-rank FFN width of 2559 at parallel.tp=8, "
+                                          r"not a multiple of 16 as FP8 GEMMs need; set elastic.multiple_of=128$"):  # fmt: skip
         check_fp8_divisibility(big, 8, {"ffn": [20480, 20472]})
+    with pytest.raises(ConfigError, match=r"^elastic.ffn size 15760 gives a per-rank FFN width of 1970 at parallel.tp=8"):
+        check_fp8_divisibility(big, 8, ElasticSpace(big, ffn=[1.0, 0.77], multiple_of=16))  # 1970 = 15760 / 8
+    # 112 of 128 Mamba heads: d_inner / tp = 1120 is fine, but in_proj / tp = (2 * 8960 + 2 * 8 * 128 + 112) / 8 = 2510
+    with pytest.raises(ConfigError, match=r"^elastic.mamba_heads size 112 with head dim 80 gives a per-rank Mamba in_proj "
+                                          r"width of 2510 at parallel.tp=8, not a multiple of 16 as FP8 GEMMs need; "
+                                          r"drop that elastic.mamba_heads choice or set parallel.fp8.enabled=false$"):  # fmt: skip
+        check_fp8_divisibility(big, 8, ElasticSpace(big, mamba_heads=[1.0, 0.875], multiple_of=16))
     with pytest.raises(ConfigError, match=r"layer 0: Mamba in_proj width / tp = 648 is not a multiple of 16"):
         check_fp8_divisibility(preset("tiny"), 1)
     with pytest.raises(ConfigError, match=r"^model.hidden_size = 40 is not a multiple of 16 as FP8 GEMMs need; "):
@@ -175,5 +182,5 @@ def test_transformer_engine_missing_is_a_one_line_config_error():
         pytest.skip("Transformer Engine is installed here; the GPU tests cover it")
     with pytest.raises(ConfigError, match=r"^parallel.fp8 needs Transformer Engine, which cannot be imported here .*set parallel.fp8.enabled=false$"):
         LINEAR_SPECS["transformer_engine"]()
-    with pytest.raises(ConfigError, match="sequence parallelism with the Transformer Engine layers is not supported"):
+    with pytest.raises(ConfigError, match=r"^parallel.fp8 needs Transformer Engine"):  # with sequence parallelism too
         LINEAR_SPECS["transformer_engine"](True)

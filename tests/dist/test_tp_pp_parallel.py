@@ -1,9 +1,10 @@
 """TP=2 x PP=2 (4 real gloo processes) in the parallel trainers reproduces the single-process loss
 traces, plain and elastic (budgets sampled, masks cut per rank from the global state, teacher split
 like the student); checkpoints reshard TP=2 x PP=2 -> one process and one process -> TP=2 x PP=2
-and continue the single-process trace; the many-in-one parent gathered from the shards matches; the
-TP=2 x PP=2 checkpoint (megatron-core dist_checkpointing) is read back by megatron-core alone with a
-TP=1 sharded state dict and equals the gathered parent bit for bit."""
+and continue the single-process trace; the many-in-one parent streamed from the shards matches, and
+equals the single-process export of the run's last checkpoint byte for byte (the writer holding at most
+two full tensors' worth of buffers); the TP=2 x PP=2 checkpoint (megatron-core dist_checkpointing) is
+read back by megatron-core alone with a TP=1 sharded state dict and equals the streamed parent bit for bit."""
 
 import os
 import pickle
@@ -13,6 +14,7 @@ from layouts import (
     STEPS,
     assert_same_parent,
     assert_same_trace,
+    assert_streamed_export,
     resume_copy,
     spawn_layout,  # fmt: skip
     trace,
@@ -36,13 +38,14 @@ def test_tp2_pp2_reproduces_single_process_and_reshards(layout_root):
     assert any(k.startswith("kd_loss/b0.") for r in ref for k in r)  # masked budgets were trained
     assert_same_trace(trace(root / "elastic_tp2pp2"), ref)
     assert_same_parent(root, "elastic_tp2pp2")
+    assert_streamed_export(root / "elastic_tp2pp2")
     assert_megatron_core_reads_tp2pp2_checkpoint(root / "elastic_tp2pp2", root / "elastic_tp2pp2" / "many-in-one")
 
 
 def assert_megatron_core_reads_tp2pp2_checkpoint(run_dir, gathered) -> None:
     """megatron-core alone, in this plain process, reads the TP=2 x PP=2 checkpoint with a TP=1
     sharded state dict (full-size tensors under the layout-independent component keys): the
-    tensors equal the parent gathered from the shards at the same step. A damaged copy fails with
+    tensors equal the parent streamed from the shards at the same step. A damaged copy fails with
     one line."""
     import shutil
 

@@ -212,7 +212,8 @@ def _tp2_worker(rank: int, port: int, out_dir: str, sequence_parallel: bool, lin
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sequence_parallel,linears", [(False, "megatron"), (True, "megatron"), (False, "transformer_engine")])
+@pytest.mark.parametrize("sequence_parallel,linears", [(False, "megatron"), (True, "megatron"), (False, "transformer_engine"),
+                                                       (True, "transformer_engine")])
 def test_tp2_nccl_equals_one_gpu(tmp_path, sequence_parallel, linears):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")

@@ -118,10 +118,10 @@ def test_query_heads_not_divisible_by_kv_heads(cli_exe, hf_dir, tmp_path):
                       "num_attention_heads=6 is not divisible by model.num_query_groups=4", tmp_path / "out")  # fmt: skip
 
 
-def test_moe_layers_rejected(cli_exe, hf_dir, tmp_path):
-    src = _hf_copy(hf_dir, tmp_path, layers_block_type=["linear_attention", "moe", "full_attention", "mlp"])
+def test_unknown_layer_types_rejected(cli_exe, hf_dir, tmp_path):
+    src = _hf_copy(hf_dir, tmp_path, layers_block_type=["linear_attention", "gated_delta", "full_attention", "mlp"])
     assert_user_error(cli(cli_exe, "convert", "from-hf", str(src), str(tmp_path / "out")),
-                      "layer types ['moe'] are not supported", tmp_path / "out")  # fmt: skip
+                      "layer types ['gated_delta'] are not supported", tmp_path / "out")  # fmt: skip
 
 
 def test_unsupported_activation_and_model_type(cli_exe, hf_dir, tmp_path):

@@ -16,7 +16,7 @@ from megatron_elastic.convert import load_hf, save_hf
 from megatron_elastic.model import HybridLM, preset
 
 TOL = 1e-4
-_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 
 # Each config covers a different corner: group counts, GQA ratios, head_dim != hidden/heads,
 # chunk sizes that do and do not divide the sequence, patterns starting/ending with each type.
@@ -36,6 +36,23 @@ CONFIGS = {
                                           num_key_value_heads=2, head_dim=16, mamba_num_heads=16, mamba_head_dim=8,
                                           n_groups=8, ssm_state_size=8, chunk_size=32, intermediate_size=128,
                                           use_conv_bias=False, layer_norm_epsilon=1e-6),
+    # Mixture-of-experts layers mixed with the dense ones (the Nemotron 3 family): grouped routing with a
+    # latent space and a scaling factor; ungrouped without normalisation, with MLP biases; top-1 of 16.
+    "moe-groups-latent-scaled": dict(pattern="ME*E-E", hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                     head_dim=12, mamba_num_heads=4, mamba_head_dim=12, n_groups=2, ssm_state_size=8,
+                                     chunk_size=8, intermediate_size=64, n_routed_experts=8, num_experts_per_tok=3,
+                                     moe_intermediate_size=20, moe_shared_expert_intermediate_size=36, n_group=4,
+                                     topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, moe_latent_size=24),
+    "moe-ungrouped-unnormalised-bias": dict(pattern="EM-E*", hidden_size=32, num_attention_heads=4,
+                                            num_key_value_heads=4, head_dim=8, mamba_num_heads=4, mamba_head_dim=8,
+                                            n_groups=1, ssm_state_size=8, chunk_size=8, intermediate_size=40,
+                                            n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
+                                            moe_shared_expert_intermediate_size=24, norm_topk_prob=False,
+                                            mlp_bias=True),
+    "moe-top1-of-16": dict(pattern="M*EE", hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                           mamba_num_heads=8, mamba_head_dim=4, n_groups=2, ssm_state_size=4, chunk_size=16,
+                           intermediate_size=32, n_routed_experts=16, num_experts_per_tok=1, moe_intermediate_size=8,
+                           moe_shared_expert_intermediate_size=12, n_group=2, topk_group=1),
 }  # fmt: skip
 SEQ_LENS = (16, 37)  # 16: a multiple of every chunk size above; 37: a multiple of none
 
@@ -45,7 +62,12 @@ def hf_model(spec: dict, seed: int = 0) -> NemotronHForCausalLM:
     pattern = spec.pop("pattern")
     cfg = NemotronHConfig(vocab_size=211, layers_block_type=[_TYPES[s] for s in pattern], **spec)
     torch.manual_seed(seed)
-    return randomize_(NemotronHForCausalLM(cfg), seed=seed).eval()
+    model = randomize_(NemotronHForCausalLM(cfg), seed=seed).eval()
+    with torch.no_grad():  # the routers' score-correction biases are buffers: give them values too
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.1 * torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed)))
+    return model
 
 
 def tokens_for(length: int, seed: int = 0) -> torch.Tensor:

@@ -195,6 +195,25 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(cli_exe, cache
     assert trace(run_dir) == trace(ref_dir)
 
 
+def test_keep_last_is_honoured_at_start_up(cache, reference_run, tmp_path):
+    """A run killed after moving ``latest`` but before pruning leaves keep_last + 1 checkpoints: the next
+    start prunes them (and stale temporary files) before training on; the trace stays the reference's."""
+    import shutil
+
+    from megatron_elastic.cli import main
+
+    ref_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    ckpts = run_dir / "checkpoints"
+    shutil.copytree(ckpts / "step_00000009", ckpts / "step_00000006")  # the one the killed save would have pruned
+    (ckpts / ".latest.tmp-1").write_text("step_00000012\n")
+    argv = train_cmd([], run_dir, cache, "train.max_steps=12", "train.save_interval=3", "train.eval_interval=4")
+    assert main(argv) == 0
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000009", "step_00000012"]
+    assert trace(run_dir) == trace(ref_dir)
+
+
 def test_resume_errors(cli_exe, cache, tmp_path):
     run_dir = tmp_path / "run"
     r = run(train_cmd(cli_exe, run_dir, cache, "train.max_steps=2"))

@@ -88,3 +88,18 @@ def test_garbage_optimizer_file_is_one_line(checkpoint, tmp_path):
     with pytest.raises(CheckpointError) as err:
         dist_ckpt.load_checkpoint(path, model=model, optimizer=optimizer)
     assert "\n" not in str(err.value) and "optimizer.pt" in str(err.value) and "corrupt" in str(err.value)
+
+
+def test_prune_at_start_up_keeps_the_checkpoint_resumed(tmp_path):
+    """At start-up, pruning finishes an interrupted save only when the run resumes from the newest
+    checkpoint; after a fall-back to an older one nothing is deleted (counting the damaged newer ones
+    must not remove the one resumed)."""
+    root = tmp_path / "checkpoints"
+    for step in (3, 6, 9):
+        (root / ckpt.step_dirname(step)).mkdir(parents=True)
+    (root / ".step_00000012.tmp-7").mkdir()
+    ckpt.prune_checkpoints(root, 1, resumed=root / ckpt.step_dirname(3))  # fell back past 6 and 9
+    assert sorted(p.name for p in root.iterdir()) == [".step_00000012.tmp-7", "step_00000003", "step_00000006",
+                                                      "step_00000009"]  # fmt: skip
+    ckpt.prune_checkpoints(root, 2, resumed=root / ckpt.step_dirname(9))
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000006", "step_00000009"]

@@ -30,7 +30,7 @@ def test_pattern_with_stages():
     [
         ("", "is empty"),
         ("M-X*", "unknown symbol 'X' at position 2"),
-        ("M-E-", "MoE layers ('E') are not supported"),
+        ("M-E-", "model.num_moe_experts=0 is invalid; the pattern has MoE ('E') layers, so it must be a positive"),
         ("|M-", "empty pipeline stage at position 0"),
         ("M-||*", "empty pipeline stage at position 3"),
         ("M-*|", "ends with '|'"),

@@ -60,6 +60,12 @@ def test_fractions_become_aligned_nested_sizes():
         "mamba_head_dim": [32, 16], "depth": [7, 6, 5],
     }  # fmt: skip
     assert sp.axes["mamba_heads"].groups == 2 and sp.axes["attn_heads"].groups == 2
+    assert sp.rounding() == [  # said at start-up: what each inexact fraction became
+        "elastic.ffn 0.7 -> 256 of 384 (268.8 rounded to a multiple of 16: elastic.multiple_of=16)",
+        "elastic.mamba_heads 0.1 -> 2 of 8 (0.8 rounded to a multiple of 2: whole Mamba groups (2))",
+        "elastic.mamba_head_dim 0.75 -> 16 of 32 (24 rounded to a multiple of 16: elastic.multiple_of=16)",
+    ]
+    assert ElasticSpace.from_sizes(cfg, {"ffn": [384, 256]}).rounding() == []
     assert sp.depth_order == [6, 5, 4, 3, 2, 1, 0]  # no ranking: the last layer goes first
     assert [sp.dropped_layers(c) for c in range(3)] == [[], [6], [5, 6]]
     # heads x head_dim stays a multiple of multiple_of: with 64, attention heads move in steps of 4.
