@@ -49,6 +49,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    import torch
     import torch.distributed as dist
 
     from megatron_elastic.config import load_config
@@ -56,7 +57,7 @@ def run(args) -> int:
     from megatron_elastic.parallel.groups import destroy_parallel, env_world_size, init_parallel
     from megatron_elastic.training.data_setup import build_training_data
     from megatron_elastic.training.run import check_resume, resolve_elastic_run
-    from megatron_elastic.training.trainer import resolve_device
+    from megatron_elastic.training.trainer import resolve_device, resolve_params_dtype
     from megatron_elastic.utils.io import check_writable
 
     cfg = load_config(args.config, args.overrides)
@@ -72,8 +73,13 @@ def run(args) -> int:
                           "communication buffers on CUDA; use parallel.pp=1 on CPU")  # fmt: skip
     if p.fp8.enabled and device.type != "cuda":
         raise ConfigError("parallel.fp8.enabled=true needs CUDA devices (Transformer Engine); turn it off on CPU")
+    megatron_optimizer = p.distributed_optimizer or resolve_params_dtype(cfg.train.params_dtype, device) != torch.float32
+    if megatron_optimizer and device.type != "cuda":
+        raise ConfigError("train.params_dtype=bfloat16 and parallel.distributed_optimizer=true need CUDA devices: "
+                          "megatron-core's DDP and optimizers allocate their buffers on CUDA; use "
+                          "train.params_dtype=float32 (or auto) and parallel.distributed_optimizer=false on CPU")  # fmt: skip
     check_resume(cfg)  # a run to resume: checked before any rendezvous or data
-    groups = init_parallel(p, device)
+    groups = init_parallel(p, device, need_group=megatron_optimizer)
     try:
         if groups.rank == 0:
             print(f"[parallel] tp={groups.tp_size} pp={groups.pp_size} dp={groups.dp_size} "

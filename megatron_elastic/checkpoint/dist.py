@@ -18,6 +18,14 @@ the single-process model and optimizer, and the logging rank writes the single-p
   ``megatron_elastic.json``, the elastic ``router.pt`` / ``elastic.json``) are written by the logging
   rank as in the single-process format.
 
+With megatron-core's optimizer (bfloat16 weights or the distributed optimizer, ``parallel.optimizer``)
+the sharded format is written at any layout: the model's tensors as above, the router's AdamW as above,
+and megatron-core's own optimizer state from its ``sharded_state_dict`` (fp32 main weights and Adam
+moments). The distributed optimizer uses megatron-core's ``dp_reshardable`` format (``fully_sharded_model_space``
+is refused by megatron-core 0.16: flattened ranges): each rank writes the buckets it owns, so a DP=2
+checkpoint resumes at DP=1 and back at the same TP (= 1) x PP; the mixed-precision optimizer writes
+``optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.param.<name>`` per parameter (replica 0 only).
+
 Atomic: everything goes to ``.step_XXXXXXXX.tmp-dist`` next to the final directory; after a barrier
 rank 0 renames it, moves ``latest`` and prunes (``checkpoint.native.publish``). Loading reads a
 dist checkpoint with a sharded state dict of the current layout (resharding is megatron-core's), or
@@ -161,12 +169,43 @@ def _process_group():
         dist.destroy_process_group()
 
 
+def _is_torch_optimizer(optimizer) -> bool:
+    """A torch AdamW (the single-process state format) rather than megatron-core's optimizer."""
+    return isinstance(optimizer, torch.optim.Optimizer)
+
+
+def _torch_part(optimizer):
+    """The torch AdamW whose state :func:`_entries` writes: the whole optimizer, or the router's
+    beside megatron-core's (None: there is none)."""
+    return optimizer if _is_torch_optimizer(optimizer) else optimizer.router
+
+
+def _megatron_sharded(model, optimizer, place: _Place, *, is_loading: bool) -> dict:
+    """megatron-core's optimizer state as its own sharded state dict, keyed by global parameter names."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    if place.tp > 1:
+        raise CheckpointError("checkpoints of megatron-core's optimizer (bfloat16 weights or the distributed "
+                              "optimizer) need parallel.tp=1; set train.params_dtype=float32 and "
+                              "parallel.distributed_optimizer=false with tp > 1")  # fmt: skip
+    # Metadata only (not written): which global tensor each parameter is. DP replicas are not main.
+    model_sd = {n: ShardedTensor.from_rank_offsets(f"param.{n}", p, replica_id=(0, 0, place.dp_rank))
+                for n, p in model.named_parameters()}  # fmt: skip
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+
+def _optimizer_kind(optimizer) -> str:
+    if _is_torch_optimizer(optimizer):
+        return "torch"
+    return "megatron-core distributed" if optimizer.distributed else "megatron-core"
+
+
 def _entries(model, optimizer, config, place: _Place, *, with_missing_state: bool = False):
     """(key, view, shard axis, replica id) of every tensor a checkpoint holds for this rank.
 
     Views alias the live parameters and AdamW moments (``t[c.local_slice]`` is this rank's piece of
     the global tensor ``c.key``). With ``with_missing_state`` parameters without AdamW state yet get
-    a zero state first, so that a load can fill it."""
+    a zero state first, so that a load can fill it. ``optimizer``: a torch AdamW or None."""
     from megatron_elastic.model.layout import component_layout
 
     replicated = place.tp_rank * place.dp + place.dp_rank
@@ -177,7 +216,7 @@ def _entries(model, optimizer, config, place: _Place, *, with_missing_state: boo
             out.append(
                 (c.key, p.data[c.local_slice], c.shard_axis, replicated if c.shard_axis is None else place.dp_rank)
             )
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups if optimizer is not None else []:
         router = bool(group.get("is_router"))
         for i, p in enumerate(group["params"]):
             st = optimizer.state.get(p)
@@ -239,7 +278,7 @@ def save(ckpt_root: Path, *, step: int, model, optimizer, groups, config, traine
 
     g = groups
     trainer_state = {**trainer_state, "layout": _Place.of(g).layout()}
-    if g.tp_size == 1 and g.pp_size == 1:
+    if g.tp_size == 1 and g.pp_size == 1 and _is_torch_optimizer(optimizer):
         # Data parallelism only: every rank holds exactly the single-process model and optimizer, so
         # the logging rank writes the single-process format (a native model directory that
         # `importance` / `extract` / `load_pretrained` read); sharding would not spread any I/O.
@@ -261,12 +300,16 @@ def save(ckpt_root: Path, *, step: int, model, optimizer, groups, config, traine
             tmp.mkdir()
         dist.barrier()
         sd = {key: _sharded(key, view, axis, rid, place)
-              for key, view, axis, rid in _entries(model, optimizer, config, place)}  # fmt: skip
+              for key, view, axis, rid in _entries(model, _torch_part(optimizer), config, place)}  # fmt: skip
+        if not _is_torch_optimizer(optimizer):
+            sd["optimizer"] = _megatron_sharded(model, optimizer, place, is_loading=False)
         sd["rng"] = ShardedObject("rng", ckpt.rng_state(), (place.world,), (place.rank,), replica_id=0)
-        sd["megatron_elastic"] = {"layout": place.layout(), "logging_rank": place.logger}  # common: equal on all ranks
+        sd["megatron_elastic"] = {"layout": place.layout(), "logging_rank": place.logger,
+                                  "optimizer": _optimizer_kind(optimizer)}  # common: equal on all ranks
         dc.save(sd, str(tmp), sharded_strategy=_sync_save_strategy())
         if g.is_logging_rank:
-            _write_small_files(tmp, config, trainer_state, config_yaml, extra)
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # train.params_dtype
+            _write_small_files(tmp, config, trainer_state, config_yaml, extra, dtype)
         dist.barrier()
         if place.rank == 0:
             ckpt.write_manifest(tmp, unhashed=(".distcp",))  # the shards: sizes only (GBs per rank at scale)
@@ -285,12 +328,13 @@ def save(ckpt_root: Path, *, step: int, model, optimizer, groups, config, traine
     return dst if g.is_logging_rank else None
 
 
-def _write_small_files(tmp: Path, config, trainer_state: dict, config_yaml: str, extra: dict | None) -> None:
+def _write_small_files(tmp: Path, config, trainer_state: dict, config_yaml: str, extra: dict | None,
+                       dtype: str) -> None:  # fmt: skip
     """What the single-process format holds besides weights, optimizer and RNG (same names)."""
     write_json(tmp / "trainer_state.json", trainer_state)
     write_json(tmp / "megatron_elastic.json", {
         "format": "megatron-elastic-model", "format_version": 1, "model": config.to_dict(),
-        "num_parameters": sum(p.numel() for p in _meta_model(config).parameters()), "dtype": "float32",
+        "num_parameters": sum(p.numel() for p in _meta_model(config).parameters()), "dtype": dtype,
         "weights": "megatron-core dist_checkpointing (torch_dist)",
     })  # fmt: skip
     (tmp / "config.yaml").write_text(config_yaml)
@@ -395,13 +439,22 @@ def _load_dist(path: Path, model, optimizer, config, place: _Place) -> tuple[dic
         raise CheckpointError(f"checkpoint {str(path)!r} has unreadable dist_checkpointing metadata "
                               f"({_first_line(exc)}); it is truncated or "
                               "corrupt: resume from an older step_* directory or start a new run_dir") from None  # fmt: skip
-    entries = _entries(model, optimizer, config, place, with_missing_state=True)
+    kind = common.get("optimizer", "torch")
+    if kind != _optimizer_kind(optimizer):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds {kind} optimizer state but this run uses the "
+                              f"{_optimizer_kind(optimizer)} optimizer (train.params_dtype / "
+                              "parallel.distributed_optimizer differ); resume with the settings it was written "
+                              "with or use a new run_dir")  # fmt: skip
+    torch_part = _torch_part(optimizer)
+    entries = _entries(model, torch_part, config, place, with_missing_state=True)
     missing = [k for k, _, _, _ in entries if k not in saved and not k.startswith("optim.")]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing[0]!r}; it was written for another model: "
                               "use the checkpoint's model config or a new run_dir")  # fmt: skip
     sd = {k: _sharded(k, torch.empty(v.shape, dtype=v.dtype, device=v.device), a, r, place)
           for k, v, a, r in entries if k in saved}  # fmt: skip
+    if kind != "torch":
+        sd["optimizer"] = _megatron_sharded(model, optimizer, place, is_loading=True)
     saved_layout = common["layout"]
     # The same layout: every rank takes its own generators back (exact resume); another layout
     # takes the logging rank's, as the single-process format does.
@@ -417,13 +470,15 @@ def _load_dist(path: Path, model, optimizer, config, place: _Place) -> tuple[dic
         for k, view, _, _ in entries:
             if k in saved:
                 view.copy_(out[k].view(view.shape))
+        if kind != "torch":  # fp32 main weights (with float32 weights: views of them) and moments
+            optimizer.load_sharded_state_dict(out["optimizer"])
     # A parameter that had no AdamW state when the checkpoint was written has none now.
     names = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
+    for group in torch_part.param_groups if torch_part is not None else []:
         for i, p in enumerate(group["params"]):
             key = f"optim.step.router.{i}" if group.get("is_router") else f"optim.step.{names[id(p)]}"
             if key not in saved:
-                optimizer.state.pop(p, None)
+                torch_part.state.pop(p, None)
     return trainer_state, out["rng"]
 
 
@@ -444,6 +499,10 @@ def load(path: Path, *, model, optimizer, groups, config, router=None) -> tuple[
     if ckpt.is_dist_checkpoint(path):
         with _process_group():
             return _load_dist(path, model, optimizer, config, _Place.of(groups))
+    if not _is_torch_optimizer(optimizer):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds torch optimizer state but this run uses the "
+                              "megatron-core optimizer (train.params_dtype / parallel.distributed_optimizer differ); "
+                              "resume with the settings it was written with or use a new run_dir")  # fmt: skip
     return _load_native(path, model, optimizer, groups, config, router)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import RECOMPUTE_MODES, HybridConfig
 
+PARAMS_DTYPES = ("float32", "bfloat16", "auto")
+
 
 def _positive_int(section: str, obj, *names: str) -> None:
     for name in names:
@@ -81,6 +83,10 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 = no clipping)."""
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'."""
+    params_dtype: str = "float32"
+    """The model weights' dtype: 'float32', 'bfloat16' or 'auto' (bfloat16 on CUDA, float32 on CPU). bfloat16
+    weights train as Megatron does: megatron-core's mixed-precision optimizer keeps fp32 main weights and
+    Adam moments, its DDP wrapper accumulates gradients in fp32 (the parallel launcher, launch/train.py)."""
     recompute: str = "none"
     """Activation recomputation in backward: 'none'; 'selective' (the Mamba conv + scan + gated norm, the
     attention core and the squared ReLU are recomputed from their inputs: the large, cheap parts); 'full'
@@ -122,6 +128,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is invalid; it must be in [0, 1)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision={self.precision!r} is invalid; use auto, fp32 or bf16")
+        if self.params_dtype not in PARAMS_DTYPES:
+            raise ConfigError(f"train.params_dtype={self.params_dtype!r} is invalid; use {', '.join(PARAMS_DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.device!r} is invalid; use auto, cpu or cuda")
         if self.recompute not in RECOMPUTE_MODES:
@@ -365,6 +373,9 @@ class ParallelConfig:
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
     fp8: FP8Config = field(default_factory=FP8Config)
     """FP8 GEMMs with Transformer Engine (CUDA only): the ``parallel.fp8`` section."""
+    distributed_optimizer: bool = False
+    """megatron-core's DistributedDataParallel + DistributedOptimizer: fp32 main weights and Adam moments
+    sharded over the data-parallel ranks (1/dp each), gradients reduce-scattered (CUDA)."""
 
     def validate(self) -> None:
         _positive_int("parallel", self, "tp", "pp")
@@ -373,6 +384,8 @@ class ParallelConfig:
         self.fp8.validate()
         if isinstance(self.dp, bool) or not isinstance(self.dp, int) or self.dp < 0:
             raise ConfigError(f"parallel.dp={self.dp!r} is invalid; give a positive integer or 0 (derived from the world size)")
+        if not isinstance(self.distributed_optimizer, bool):
+            raise ConfigError(f"parallel.distributed_optimizer={self.distributed_optimizer!r} is invalid; use true or false")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"parallel.backend={self.backend!r} is invalid; use auto, nccl or gloo")
         if self.sequence_parallel and self.tp == 1:

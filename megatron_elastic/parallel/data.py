@@ -1,13 +1,11 @@
 """Data parallelism: gradient and metric averaging over the data-parallel group.
 
-Why not megatron-core's ``DistributedDataParallel`` + distributed optimizer here: both are built on
-``ParamAndGradBuffer``, which allocates its contiguous gradient buffers with
-``device=torch.cuda.current_device()`` and overlaps communication on a ``torch.cuda.Stream``
-(``megatron/core/distributed/param_and_grad_buffer.py``, ``distributed_data_parallel.py``); the
-distributed optimizer shards exactly those buffers. None of that can run on a CPU/gloo process. The
-trainer therefore averages gradients itself with one flat all-reduce per step (gloo on CPU, NCCL on
-CUDA), which is what megatron's DDP does without overlap; its AdamW state stays replicated and its
-checkpoints reshard through :mod:`megatron_elastic.checkpoint.dist`.
+With float32 weights and without the distributed optimizer (the default) the trainer averages
+gradients itself with one flat all-reduce per step (gloo on CPU, NCCL on CUDA), which is what
+megatron's DDP does without overlap, and keeps the single-process trainer's AdamW, replicated; its
+checkpoints reshard through :mod:`megatron_elastic.checkpoint.dist`. bfloat16 weights and the
+distributed optimizer use megatron-core's ``DistributedDataParallel`` instead (:mod:`parallel.optimizer`,
+CUDA); the router's gradients always come through here.
 
 Gradient accumulation: every micro-batch loss is a mean over equally sized micro-batches and is
 divided by the local number of micro-batches, so the average over data-parallel ranks equals the

@@ -83,18 +83,22 @@ def env_world_size(environ=None) -> int:
     return int(env.get("WORLD_SIZE", "1"))
 
 
-def init_parallel(cfg: ParallelConfig, device: torch.device, *, timeout_minutes: int = 30) -> ParallelGroups:
+def init_parallel(cfg: ParallelConfig, device: torch.device, *, timeout_minutes: int = 30,
+                  need_group: bool = False) -> ParallelGroups:  # fmt: skip
     """Join the env:// rendezvous (if not joined yet) and build megatron-core's TP/PP/DP groups.
 
-    A world of one process without a rendezvous is a plain single-process run (no groups). The
+    A world of one process without a rendezvous is a plain single-process run (no groups), unless
+    FP8 or ``need_group`` (megatron-core's DDP and optimizer: bfloat16 weights, the distributed
+    optimizer) asks for a one-process group. The
     rendezvous variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) come from the launcher: under
     Slurm without torchrun the caller derives them first (launch/train.py, before anything else)."""
     world = env_world_size()
     dp = cfg.resolve_dp(world)  # ConfigError before any rendezvous when the layout does not tile
     if world == 1 and not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
-        if not cfg.fp8.enabled:
+        if not (cfg.fp8.enabled or need_group):
             return single_process(device)
-        # FP8 layers are built by apply_tensor_parallel, which needs a (one-process) group.
+        # FP8 layers are built by apply_tensor_parallel, megatron-core's DDP over a data-parallel
+        # group: both need a (one-process) group.
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -340,11 +340,13 @@ class SequenceParallelRowLinear(nn.Module):
 def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
     """Sum over the tensor-parallel group the gradients of parameters that see only this rank's
     positions under sequence parallelism (``param.sequence_parallel``: block norms, row biases).
-    megatron-core's ``finalize_model_grads`` does the same for a model wrapped in its DDP."""
+    megatron-core's ``finalize_model_grads`` does the same for a model wrapped in its DDP. Under that
+    wrapper (``param.main_grad``: its fp32 buffer) the gradients are there."""
     tp = tp_context(model)
     if tp is None or not tp.sequence_parallel:
         return
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [getattr(p, "main_grad", p.grad) for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+    grads = [g for g in grads if g is not None]
     if grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=tp.group)

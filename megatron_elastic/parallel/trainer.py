@@ -15,7 +15,11 @@ objective, the metric keys), and replace only what a layout changes:
   teacher item: the frozen teacher (same stage split) runs forward once per micro-batch inside the
   student's schedule, and its logits live on the last stage only until that micro-batch's budgets are done;
 * the losses: vocab-parallel cross-entropy and KL (:mod:`parallel.losses`) under ``tp > 1``;
-* gradients: averaged over data-parallel ranks (:mod:`parallel.data`); router gradients (replicated
+* precision and the optimizer: with ``train.params_dtype=bfloat16`` or ``parallel.distributed_optimizer``
+  the model is wrapped in megatron-core's DDP and optimized by megatron-core's mixed-precision or
+  distributed optimizer (:mod:`parallel.optimizer`; fp32 main weights, moments and gradient buffer);
+  float32 weights without the distributed optimizer keep the single-process trainer's AdamW;
+* gradients: averaged over data-parallel ranks (:mod:`parallel.data`, or megatron-core's DDP); router gradients (replicated
   on every rank) summed over pipeline stages (each stage back-propagates into the masks its own
   layers use) and averaged over data-parallel ranks; the clipping norm is taken over all stages
   and TP shards;
@@ -66,7 +70,32 @@ class ParallelMixin:
         tracker = build_trackers(cfg) if groups.is_logging_rank else MultiTracker([])
         return {"tracker": tracker, "dp_rank": groups.dp_rank, "dp_world_size": groups.dp_size}
 
+    # ------------------------------------------------------------------ precision and the optimizer
+    def check_precision(self) -> None:
+        """Any ``params_dtype`` and the distributed optimizer train here (megatron-core's optimizer)."""
+
+    @property
+    def uses_megatron_optimizer(self) -> bool:
+        """bfloat16 weights or the distributed optimizer: megatron-core's DDP + optimizer."""
+        return self.params_dtype != torch.float32 or self.cfg.parallel.distributed_optimizer
+
+    def build_optimizer(self):
+        opt = super().build_optimizer()
+        if not self.uses_megatron_optimizer:
+            return opt
+        if self.groups.tp_size > 1:  # its checkpoints key parameters by name, whole (see checkpoint.dist)
+            raise ConfigError("train.params_dtype=bfloat16 / parallel.distributed_optimizer=true need parallel.tp=1 "
+                              "for now; use float32 weights without the distributed optimizer with tp > 1")  # fmt: skip
+        from megatron_elastic.parallel.optimizer import build_megatron_optimizer
+
+        return build_megatron_optimizer(self.model, opt, self.groups, self.cfg.train, params_dtype=self.params_dtype,
+                                        distributed=self.cfg.parallel.distributed_optimizer)  # fmt: skip
+
     # ------------------------------------------------------------------ model
+    def _trained_model(self, model):
+        """This rank's part of the trained model, in ``train.params_dtype``."""
+        return self._parallelize(model).to(self.params_dtype)
+
     def _parallelize(self, model):
         """Single-device model -> this rank's part (TP applied in place, then the PP stage cut)."""
         g, p = self.groups, self.cfg.parallel
@@ -125,11 +154,16 @@ class ParallelMixin:
             from megatron_elastic.parallel.tensor import allreduce_sequence_parallel_grads
 
             allreduce_sequence_parallel_grads(self.model)  # norms saw only this rank's positions
-        allreduce_gradients(self._model_params(), self.groups.dp)
+        if self.uses_megatron_optimizer:
+            self.optimizer.finish_grad_sync()  # megatron-core's DDP: the fp32 gradient buffer
+        else:
+            allreduce_gradients(self._model_params(), self.groups.dp)
 
     def clip_gradients(self, params) -> float:
         """Global grad norm over every stage (and TP shard), clipped like torch.nn.utils.clip_grad_norm_."""
         g = self.groups
+        if self.uses_megatron_optimizer:
+            return self.optimizer.clip(self.cfg.train.clip_grad)  # megatron-core's, on the fp32 main gradients
         if g.pp_size == 1 and g.tp_size == 1:
             return super().clip_gradients(params)
         params = [p for p in params if p.grad is not None]
@@ -233,7 +267,7 @@ class ParallelTrainer(ParallelMixin, Trainer):
         super().__init__(cfg, data, **self._setup_parallel(groups, cfg))
 
     def build_model(self):
-        return self._parallelize(super().build_model())
+        return self._trained_model(super().build_model())
 
     def forward_backward(self) -> float:
         batches = self._next_micro_batches()
@@ -280,7 +314,7 @@ class ParallelElasticTrainer(ParallelMixin, ElasticTrainer):
         return load_shards(self.parent_dir, self._parallelize, dtype=dtype, device=self.device, what="elastic.parent")
 
     def build_model(self):
-        return self.load_parent(torch.float32)
+        return self.load_parent(self.params_dtype)
 
     def build_teacher(self):
         return self.load_parent(self.teacher_dtype())  # from the files too: no copy of the student

@@ -51,6 +51,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_params_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``train.params_dtype`` on ``device``: 'auto' is bfloat16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -75,6 +82,8 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         tc = cfg.train
         self.grad_accum = tc.global_batch_size // (tc.micro_batch_size * dp_world_size)
+        self.params_dtype = resolve_params_dtype(tc.params_dtype, self.device)
+        self.check_precision()
         torch.manual_seed(tc.seed)
         self.model = self.build_model().to(self.device)
         set_recompute(self.model, tc.recompute)  # after build_model: on the parallel blocks too
@@ -89,6 +98,18 @@ class Trainer:
         self.last_val_loss: float | None = None
 
     # ------------------------------------------------------------------ overridable pieces
+    def check_precision(self) -> None:
+        """This trainer trains float32 weights with torch's AdamW; bfloat16 weights and the distributed
+        optimizer are megatron-core's, which the parallel trainer runs (launch/train.py, any world size)."""
+        if self.params_dtype != torch.float32 or self.cfg.parallel.distributed_optimizer:
+            from megatron_elastic.errors import ConfigError
+
+            what = ("parallel.distributed_optimizer=true" if self.cfg.parallel.distributed_optimizer
+                    else f"train.params_dtype={self.cfg.train.params_dtype} (bfloat16 weights here)")  # fmt: skip
+            raise ConfigError(f"{what} needs megatron-core's optimizer in the parallel trainer: run it with "
+                              "launch/train.py (torchrun, also for one process), or set train.params_dtype=float32 "
+                              "and parallel.distributed_optimizer=false")  # fmt: skip
+
     def build_model(self) -> HybridLM:
         return HybridLM(self.cfg.model)
 

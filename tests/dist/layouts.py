@@ -108,6 +108,20 @@ def _worker(rank: int, port: int, world: int, tp: int, pp: int, root: str, runs:
         destroy_parallel()
 
 
+def train_one_rank(kind: str, root: Path, run_dir: Path, overrides: tuple = ()) -> int:
+    """The parallel trainers in this process as a one-rank layout (a one-process gloo group: DP=1)."""
+    import mcore_cpu_shim
+
+    from megatron_elastic.parallel.groups import build_groups, destroy_parallel
+
+    mcore_cpu_shim.install()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        return train(kind, root, run_dir, build_groups(1, 1, device=torch.device("cpu")), overrides)
+    finally:
+        destroy_parallel()
+
+
 def spawn_layout(root: Path, *, tp: int, pp: int, runs: list, dp: int = 1, timeout: float = 300) -> None:
     """Train ``runs`` ([(kind, run_dir name[, config overrides])]) on a tp x pp x dp layout of real gloo
     processes; assert every exit code is 0."""

@@ -89,6 +89,7 @@ def test_env_signal_on_one_rank_checkpoints_and_resumes(reference, cache, tmp_pa
     (["parallel.tp=2"], {}, "world size 1 is not a multiple of parallel.tp * parallel.pp = 2"),
     (["parallel.dp=3"], {"WORLD_SIZE": "2"}, "parallel.dp=3 but 2 processes"),
     (["parallel.pp=2"], {"WORLD_SIZE": "2"}, "parallel.pp > 1 needs CUDA devices"),
+    (["parallel.distributed_optimizer=true"], {}, "parallel.distributed_optimizer=true need CUDA devices"),
     (["parallel.backend=mpi"], {}, "parallel.backend='mpi' is invalid"),
 ])  # fmt: skip
 def test_launch_rejects_bad_layouts_before_any_rendezvous(tmp_path, extra, env, message):

@@ -4,11 +4,11 @@ replicated); the many-in-one parent streamed from the shards matches the single-
 equals the single-process export of the run's own last checkpoint byte for byte, the writer holding at
 most two full tensors' worth of buffers."""
 
-from layouts import assert_same_parent, assert_same_trace, assert_streamed_export, reference_runs, spawn_layout, trace
+from layouts import assert_same_parent, assert_same_trace, assert_streamed_export, spawn_layout, trace
 
 
-def test_tp2_reproduces_single_process(tmp_path):
-    root = reference_runs(tmp_path)
+def test_tp2_reproduces_single_process(layout_root):
+    root = layout_root
     spawn_layout(root, tp=2, pp=1, runs=[("plain", "tp2"), ("elastic", "elastic_tp2")])
     assert_same_trace(trace(root / "tp2"), trace(root / "single"))
     ref = trace(root / "elastic_single")

@@ -15,7 +15,6 @@ from layouts import (
     assert_same_parent,
     assert_same_trace,
     assert_streamed_export,
-    reference_runs,
     resume_copy,
     spawn_layout,  # fmt: skip
     trace,
@@ -23,8 +22,8 @@ from layouts import (
 )
 
 
-def test_tp2_pp2_reproduces_single_process_and_reshards(tmp_path):
-    root = reference_runs(tmp_path)
+def test_tp2_pp2_reproduces_single_process_and_reshards(layout_root):
+    root = layout_root
     resume_copy(root / "single", root / "single_then_tp2pp2", SAVE_AT)
     spawn_layout(root, tp=2, pp=2, runs=[("plain", "tp2pp2"), ("plain", "single_then_tp2pp2"),
                                           ("elastic", "elastic_tp2pp2")])  # fmt: skip

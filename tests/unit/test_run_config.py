@@ -51,6 +51,8 @@ def test_resolved_config_round_trips():
         ("train.global_batch_size=12", "not a multiple of train.micro_batch_size=8"),
         ("train.precision=fp8", "use auto, fp32 or bf16"),
         ("train.recompute=some", "train.recompute='some' is invalid; use none, selective, full"),
+        ("train.params_dtype=bf16", "train.params_dtype='bf16' is invalid; use float32, bfloat16, auto"),
+        ("parallel.distributed_optimizer=maybe", "parallel.distributed_optimizer='maybe' is invalid"),
         ("model.mamba_num_groups=3", "not divisible by model.mamba_num_groups=3"),
         ("model.preset=huge", "unknown model preset 'huge'"),
         ("data.tokenizer_vocab_size=1024", "exceeds model.vocab_size=512"),
@@ -176,3 +178,26 @@ def test_written_config_holds_no_credentials(uri):
     back = config_from_dict(yaml.safe_load(text))
     assert back.tracking.mlflow_uri == uri.replace("alice:pa55w0rd", "***").replace("AbC9xYz", "***")
     assert dataclasses.replace(back, tracking=cfg.tracking) == cfg  # nothing else changes
+
+
+@pytest.mark.parametrize("override", ["train.params_dtype=bfloat16", "parallel.distributed_optimizer=true"])
+def test_single_process_trainer_refuses_megatron_core_optimizer_settings(tmp_path, override):
+    from megatron_elastic.training.trainer import Trainer
+
+    cfg = load_config(CONFIGS / "tiny.yaml", [override, "train.device=cpu", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"needs megatron-core's optimizer in the parallel trainer: run it with "
+                                          r"launch/train.py") as err:  # fmt: skip
+        Trainer(cfg, data=None)  # before the model is built
+    assert "\n" not in str(err.value)
+    assert load_config(CONFIGS / "tiny.yaml", ["train.params_dtype=auto"]).train.params_dtype == "auto"
+
+
+def test_params_dtype_auto_is_bfloat16_on_cuda_only():
+    import torch
+
+    from megatron_elastic.training.trainer import resolve_params_dtype
+
+    assert resolve_params_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_params_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_params_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_params_dtype("float32", torch.device("cuda")) == torch.float32
