@@ -23,8 +23,10 @@ the sharded format is written at any layout: the model's tensors as above, the r
 and megatron-core's own optimizer state from its ``sharded_state_dict`` (fp32 main weights and Adam
 moments). The distributed optimizer uses megatron-core's ``dp_reshardable`` format (``fully_sharded_model_space``
 is refused by megatron-core 0.16: flattened ranges): each rank writes the buckets it owns, so a DP=2
-checkpoint resumes at DP=1 and back at the same TP (= 1) x PP; the mixed-precision optimizer writes
-``optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.param.<name>`` per parameter (replica 0 only).
+checkpoint resumes at DP=1 and back at the same TP x PP; the mixed-precision optimizer writes
+``optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.param.<name>`` per parameter (replica 0 only; under
+TP ``param.tp<T>.<name>``, the ranks' shards stacked). That optimizer state is read back at the same
+TP x PP only (a one-line error otherwise).
 
 Atomic: everything goes to ``.step_XXXXXXXX.tmp-dist`` next to the final directory; after a barrier
 rank 0 renames it, moves ``latest`` and prunes (``checkpoint.native.publish``). Loading reads a
@@ -184,13 +186,18 @@ def _megatron_sharded(model, optimizer, place: _Place, *, is_loading: bool) -> d
     """megatron-core's optimizer state as its own sharded state dict, keyed by global parameter names."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    if place.tp > 1:
-        raise CheckpointError("checkpoints of megatron-core's optimizer (bfloat16 weights or the distributed "
-                              "optimizer) need parallel.tp=1; set train.params_dtype=float32 and "
-                              "parallel.distributed_optimizer=false with tp > 1")  # fmt: skip
-    # Metadata only (not written): which global tensor each parameter is. DP replicas are not main.
-    model_sd = {n: ShardedTensor.from_rank_offsets(f"param.{n}", p, replica_id=(0, 0, place.dp_rank))
-                for n, p in model.named_parameters()}  # fmt: skip
+    # Which checkpoint tensor each parameter's optimizer state is (the distributed optimizer keys its
+    # buckets by the TP x PP rank instead). DP replicas are not main. Under TP each rank's parameter
+    # is one block of a tensor stacked over the TP ranks along dim 0, named for that TP size: packed
+    # Mamba shards are not contiguous pieces of the global tensor, so this state is read back at the
+    # same TP x PP only (checked at load; the model's own tensors reshard anyway).
+    if place.tp == 1:
+        model_sd = {n: ShardedTensor.from_rank_offsets(f"param.{n}", p, replica_id=(0, 0, place.dp_rank))
+                    for n, p in model.named_parameters()}  # fmt: skip
+    else:
+        model_sd = {n: ShardedTensor.from_rank_offsets(f"param.tp{place.tp}.{n}", p, (0, place.tp_rank, place.tp),
+                                                       replica_id=(0, 0, place.dp_rank))
+                    for n, p in model.named_parameters()}  # fmt: skip
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
 
 
@@ -453,9 +460,15 @@ def _load_dist(path: Path, model, optimizer, config, place: _Place) -> tuple[dic
                               "use the checkpoint's model config or a new run_dir")  # fmt: skip
     sd = {k: _sharded(k, torch.empty(v.shape, dtype=v.dtype, device=v.device), a, r, place)
           for k, v, a, r in entries if k in saved}  # fmt: skip
-    if kind != "torch":
-        sd["optimizer"] = _megatron_sharded(model, optimizer, place, is_loading=True)
     saved_layout = common["layout"]
+    if kind != "torch":
+        here = place.layout()
+        if (saved_layout["tp"], saved_layout["pp"]) != (here["tp"], here["pp"]):
+            raise CheckpointError(f"checkpoint {str(path)!r} holds {kind} optimizer state written at "
+                                  f"tp={saved_layout['tp']} pp={saved_layout['pp']}, which reshards over data "
+                                  f"parallelism only; resume at parallel.tp={saved_layout['tp']} "
+                                  f"parallel.pp={saved_layout['pp']} (any dp)")  # fmt: skip
+        sd["optimizer"] = _megatron_sharded(model, optimizer, place, is_loading=True)
     # The same layout: every rank takes its own generators back (exact resume); another layout
     # takes the logging rank's, as the single-process format does.
     src = place.rank if saved_layout == place.layout() else common["logging_rank"]

@@ -83,9 +83,6 @@ class ParallelMixin:
         opt = super().build_optimizer()
         if not self.uses_megatron_optimizer:
             return opt
-        if self.groups.tp_size > 1:  # its checkpoints key parameters by name, whole (see checkpoint.dist)
-            raise ConfigError("train.params_dtype=bfloat16 / parallel.distributed_optimizer=true need parallel.tp=1 "
-                              "for now; use float32 weights without the distributed optimizer with tp > 1")  # fmt: skip
         from megatron_elastic.parallel.optimizer import build_megatron_optimizer
 
         return build_megatron_optimizer(self.model, opt, self.groups, self.cfg.train, params_dtype=self.params_dtype,

@@ -91,9 +91,10 @@ class ElasticTrainer(Trainer):
         return self._parent
 
     def teacher_dtype(self) -> torch.dtype:
-        """The dtype the frozen teacher is held in: the compute dtype (bf16 when the run computes in bf16,
-        else fp32), never a full-precision duplicate of the student."""
-        return torch.bfloat16 if self.autocast_dtype == torch.bfloat16 else torch.float32
+        """The dtype the frozen teacher is held in: bf16 when the weights are (``train.params_dtype``) or the
+        run computes in bf16, else fp32; never a full-precision duplicate of the student."""
+        bf16 = torch.bfloat16 in (self.params_dtype, self.autocast_dtype)
+        return torch.bfloat16 if bf16 else torch.float32
 
     def build_teacher(self) -> torch.nn.Module:
         """The frozen teacher on the device: the parent's weights at step 0 in :meth:`teacher_dtype`, copied

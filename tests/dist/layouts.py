@@ -103,6 +103,11 @@ def _worker(rank: int, port: int, world: int, tp: int, pp: int, root: str, runs:
         groups = build_groups(tp, pp, device=torch.device("cpu"))
         assert (groups.tp_size, groups.pp_size) == (tp, pp)
         for kind, run_dir, *overrides in runs:
+            if kind.startswith("resume:"):  # an earlier run of this layout as it was after SAVE_AT, resumed
+                if rank == 0:
+                    resume_copy(Path(root) / kind.split(":", 1)[1], Path(root) / run_dir, SAVE_AT)
+                dist.barrier()
+                kind = "plain"
             assert train(kind, Path(root), Path(root) / run_dir, groups, tuple(*overrides)) == 0, run_dir
     finally:
         destroy_parallel()
@@ -124,7 +129,8 @@ def train_one_rank(kind: str, root: Path, run_dir: Path, overrides: tuple = ()) 
 
 def spawn_layout(root: Path, *, tp: int, pp: int, runs: list, dp: int = 1, timeout: float = 300) -> None:
     """Train ``runs`` ([(kind, run_dir name[, config overrides])]) on a tp x pp x dp layout of real gloo
-    processes; assert every exit code is 0."""
+    processes; assert every exit code is 0. Kind ``resume:NAME`` resumes a plain run NAME of the same
+    spawn from its checkpoint of SAVE_AT."""
     world = tp * pp * dp
     spawn_ranks(_worker, world, tp, pp, str(root), runs, world=world, timeout=timeout)
 
