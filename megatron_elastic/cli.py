@@ -385,10 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_importance_parser(sub)
     from megatron_elastic.eval import cli as eval_cli
     from megatron_elastic.inference import cli as inference_cli
+    from megatron_elastic.parallel import plan
     from megatron_elastic.slurm import cli as slurm_cli
     from megatron_elastic.tracking import sync as tracking_sync
 
-    for module in (tracking_sync, inference_cli, slurm_cli, eval_cli):
+    for module in (tracking_sync, plan, inference_cli, slurm_cli, eval_cli):
         module.register(sub)
 
     demo = sub.add_parser("demo", help="run the pipeline demo on the built-in tiny model (CPU, minutes)")

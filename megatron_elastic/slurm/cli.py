@@ -32,11 +32,16 @@ def register(subparsers) -> None:
     p.add_argument("--profile", default=None,
                    help="cluster profile: a name in slurm/profiles (e.g. h100, h100-pyxis) or an .env file")
     p.add_argument("--job-name", default="megatron-elastic", help="Slurm job name")
-    p.add_argument("--signal-before", type=int, default=120, metavar="S",
-                   help="send SIGUSR1 S seconds before the time limit: checkpoint and requeue (default 120)")
+    p.add_argument("--signal-before", type=int, default=None, metavar="S",
+                   help="send SIGUSR1 S seconds before the time limit: checkpoint and requeue (default: the plan's "
+                        "2 checkpoint saves + 1 step, at least 120; a smaller value is refused)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU for the plan (default 80GB)")
+    p.add_argument("--fs-bandwidth", type=float, default=None, metavar="GB/S",
+                   help="aggregate checkpoint write bandwidth the plan assumes (default: plan's)")
     p.add_argument("--max-requeues", type=int, default=20, help="stop requeueing after this many restarts (default 20)")
     p.add_argument("--folder", default=None, help="submitit folder for scripts and logs (default RUN_DIR/slurm)")
-    p.add_argument("--dry-run", action="store_true", help="print the batch script and exit; submit nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and the batch script and exit; submit nothing (missing inputs only warn)")
     p.add_argument("--no-follow", action="store_true", help="print the job id and log paths, then return")
     p.add_argument("--poll", type=float, default=10.0, metavar="S",
                    help="seconds between accounting queries (default 10)")
@@ -65,6 +70,19 @@ def build_request(args):
     cfg.parallel.resolve_dp(args.nodes * tasks)  # the TP x PP layout must tile the world
     if not submit.TRAIN_ENTRY.is_file():
         raise UserError(f"training entry {submit.TRAIN_ENTRY} is missing; run from a full checkout of megatron-elastic")
+    job_plan = None
+    if gpus:  # a GPU job: it must fit, and the stop signal must leave time to save
+        from megatron_elastic.parallel.plan import DEFAULT_FS_GBPS, make_plan, parse_size
+
+        job_plan = make_plan(cfg, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=parse_size(args.gpu_memory),
+                             fs_gbps=args.fs_bandwidth or DEFAULT_FS_GBPS)  # fmt: skip
+        if not job_plan.fits:
+            raise UserError(f"the job does not fit: {job_plan.verdict()}")
+    signal_s = args.signal_before if args.signal_before is not None else max(submit.DEFAULT_SIGNAL_S,
+                                                                              job_plan.signal_s if job_plan else 0)
+    if job_plan is not None and signal_s < job_plan.signal_s:
+        raise UserError(f"--signal-before {signal_s} leaves too little time to checkpoint: the plan needs "
+                        f"{job_plan.signal_s} s (2 saves of {job_plan.save_s:.0f} s + one step); give at least that")  # fmt: skip
     run_dir = Path(cfg.run_dir).resolve()
     return submit.LaunchRequest(
         config=str(resolve_recipe(args.config).resolve()),
@@ -80,7 +98,7 @@ def build_request(args):
         qos=args.qos or prof.qos,
         constraint=prof.constraint,
         job_name=args.job_name,
-        signal_s=args.signal_before,
+        signal_s=signal_s,
         max_requeues=args.max_requeues,
         srun_args=prof.srun_args,
         mem=prof.mem,
@@ -90,7 +108,25 @@ def build_request(args):
         env=prof.env,
         python=prof.python or sys.executable,
         folder=Path(args.folder).resolve() if args.folder else None,
+        plan=job_plan,
+        missing_inputs=missing_inputs(cfg),
     )
+
+
+def missing_inputs(cfg) -> list[str]:
+    """The recipe's inputs that are not on this machine: the parent, the tokenizer, the dataset files."""
+    from megatron_elastic.data.indexed import dataset_files
+
+    missing = []
+    if cfg.elastic is not None and cfg.elastic.parent and not Path(cfg.elastic.parent).exists():
+        missing.append(f"elastic.parent {cfg.elastic.parent}")
+    if cfg.data.tokenizer != "builtin" and not Path(cfg.data.tokenizer).exists():
+        missing.append(f"data.tokenizer {cfg.data.tokenizer}")
+    for key in ("train_prefix", "valid_prefix"):
+        prefix = getattr(cfg.data, key)
+        if prefix != "builtin" and not all(p.exists() for p in dataset_files(prefix)[:2]):
+            missing.append(f"data.{key} {prefix} (.bin/.idx)")
+    return missing
 
 
 def cmd_launch_slurm(args) -> int:
@@ -108,7 +144,16 @@ def cmd_launch_slurm(args) -> int:
         part = cluster.check_request(req.partition, nodes=req.nodes, gpus_per_node=req.gpus_per_node,
                                      tasks_per_node=req.tasks_per_node, cpus_per_task=req.cpus_per_task)  # fmt: skip
         req.partition = req.partition or part.name
+    if req.missing_inputs:
+        what = "; ".join(req.missing_inputs)
+        if not args.dry_run:
+            raise UserError(f"inputs missing on this machine: {what}; create them (or fix the paths) before submitting")
+        print(f"[launch] warning: inputs missing on this machine: {what}", file=sys.stderr)
     if args.dry_run:
+        if req.plan is not None:
+            from megatron_elastic.parallel.plan import format_plan
+
+            print(format_plan(req.plan), file=sys.stderr)  # stdout stays the batch script alone
         print(submit.batch_script(req))
         return 0
     t0 = time.time()

@@ -103,6 +103,10 @@ class LaunchRequest:
     """pyxis image around every task; the mounts below are added for it."""
     container_mounts: list[str] = field(default_factory=list)
     """``SRC:DST`` mounts for the container: the checkout, the run directory, the recipe's inputs, the profile's."""
+    plan: object = None
+    """The job's :class:`~megatron_elastic.parallel.plan.Plan` (GPU jobs), written beside the batch script."""
+    missing_inputs: list[str] = field(default_factory=list)
+    """Inputs of the recipe not found on this machine (a dry run warns, a submission refuses)."""
 
     def srun_arguments(self) -> list[str]:
         """Extra ``srun`` arguments: the container's (pyxis), then the profile's own."""
@@ -260,7 +264,15 @@ def submit(req: LaunchRequest):
     req.log_folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.SlurmExecutor(folder=req.log_folder / "%j", python=shlex.quote(req.python))
     executor.update_parameters(**req.executor_parameters())
-    return executor.submit(req.task())
+    job = executor.submit(req.task())
+    if req.plan is not None:  # beside the job's batch script (submitit writes it to FOLDER/JOBID)
+        from megatron_elastic.parallel.plan import format_plan
+
+        folder = req.log_folder / str(job.job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "plan.txt").write_text(format_plan(req.plan) + "\n")
+        (folder / "plan.json").write_text(json.dumps(req.plan.to_dict(), indent=2) + "\n")
+    return job
 
 
 def log_paths(job) -> tuple[Path, Path]:
