@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_elastic.config import RunConfig
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import HybridConfig, num_parameters
-from megatron_elastic.parallel.memory import GB, MemoryEstimate, MemoryLayout, estimate_memory, format_table
+
+# The memory model (parallel.memory: torch, the pipeline split, megatron-core) is imported where a plan is
+# made, so that registering the command keeps the command line's start-up light.
+GB = 1e9
 
 DEFAULT_MFU = 0.35
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
@@ -162,6 +166,8 @@ def _fixes(layout: MemoryLayout, model: HybridConfig, gpus_per_node: int) -> lis
 
 
 def _fix_for(model: HybridConfig, layout: MemoryLayout, capacity: float, margin: float, gpus_per_node: int):
+    from megatron_elastic.parallel.memory import estimate_memory
+
     fixes = _fixes(layout, model, gpus_per_node)
     for text, change in fixes:  # one change
         if estimate_memory(model, dataclasses.replace(layout, **change)).fits(capacity, margin):
@@ -190,6 +196,16 @@ def make_plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, gpu_memory: flo
             raise ConfigError(f"{name} {value!r} is invalid; give a positive number")
     if mfu > 1:
         raise ConfigError(f"--mfu {mfu} is above 1; give the model-FLOPs utilisation as a fraction, e.g. 0.35")
+    with warnings.catch_warnings():  # megatron-core says on import that TE / Apex are missing: a plan needs neither
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        return _make_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory=gpu_memory, margin=margin, mfu=mfu,
+                          peak_tflops=peak_tflops, fs_gbps=fs_gbps)  # fmt: skip
+
+
+def _make_plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, gpu_memory: float, margin: float, mfu: float,
+               peak_tflops: float, fs_gbps: float) -> Plan:  # fmt: skip
+    from megatron_elastic.parallel.memory import MemoryLayout, estimate_memory
+
     model = plan_model(cfg)
     world = nodes * gpus_per_node
     dp = cfg.parallel.resolve_dp(world)
@@ -226,6 +242,8 @@ def _duration(seconds: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The plan as the text ``megatron-elastic plan`` prints."""
+    from megatron_elastic.parallel.memory import format_table
+
     a = plan.assumptions
     lines = [f"plan: {plan.parameters / 1e9:.2f}B-parameter model on {plan.nodes} node(s) x {plan.gpus_per_node} "
              f"GPU(s) = {plan.nodes * plan.gpus_per_node}: tp={plan.tp} pp={plan.pp} dp={plan.dp}; "

@@ -70,19 +70,6 @@ def build_request(args):
     cfg.parallel.resolve_dp(args.nodes * tasks)  # the TP x PP layout must tile the world
     if not submit.TRAIN_ENTRY.is_file():
         raise UserError(f"training entry {submit.TRAIN_ENTRY} is missing; run from a full checkout of megatron-elastic")
-    job_plan = None
-    if gpus:  # a GPU job: it must fit, and the stop signal must leave time to save
-        from megatron_elastic.parallel.plan import DEFAULT_FS_GBPS, make_plan, parse_size
-
-        job_plan = make_plan(cfg, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=parse_size(args.gpu_memory),
-                             fs_gbps=args.fs_bandwidth or DEFAULT_FS_GBPS)  # fmt: skip
-        if not job_plan.fits:
-            raise UserError(f"the job does not fit: {job_plan.verdict()}")
-    signal_s = args.signal_before if args.signal_before is not None else max(submit.DEFAULT_SIGNAL_S,
-                                                                              job_plan.signal_s if job_plan else 0)
-    if job_plan is not None and signal_s < job_plan.signal_s:
-        raise UserError(f"--signal-before {signal_s} leaves too little time to checkpoint: the plan needs "
-                        f"{job_plan.signal_s} s (2 saves of {job_plan.save_s:.0f} s + one step); give at least that")  # fmt: skip
     run_dir = Path(cfg.run_dir).resolve()
     return submit.LaunchRequest(
         config=str(resolve_recipe(args.config).resolve()),
@@ -98,7 +85,7 @@ def build_request(args):
         qos=args.qos or prof.qos,
         constraint=prof.constraint,
         job_name=args.job_name,
-        signal_s=signal_s,
+        signal_s=args.signal_before if args.signal_before is not None else submit.DEFAULT_SIGNAL_S,
         max_requeues=args.max_requeues,
         srun_args=prof.srun_args,
         mem=prof.mem,
@@ -108,9 +95,29 @@ def build_request(args):
         env=prof.env,
         python=prof.python or sys.executable,
         folder=Path(args.folder).resolve() if args.folder else None,
-        plan=job_plan,
         missing_inputs=missing_inputs(cfg),
+        run_config=cfg,
     )
+
+
+def plan_request(req, args) -> None:
+    """A GPU job must fit, and its stop signal must leave time to save: the plan (``megatron-elastic
+    plan``) of the request, kept in ``req.plan``; the signal lead defaults to the plan's (at least 120 s)."""
+    from megatron_elastic.parallel.plan import DEFAULT_FS_GBPS, make_plan, parse_size
+    from megatron_elastic.slurm.submit import DEFAULT_SIGNAL_S
+
+    if not req.gpus_per_node:
+        return
+    plan = make_plan(req.run_config, nodes=req.nodes, gpus_per_node=req.gpus_per_node,
+                     gpu_memory=parse_size(args.gpu_memory), fs_gbps=args.fs_bandwidth or DEFAULT_FS_GBPS)  # fmt: skip
+    if not plan.fits:
+        raise UserError(f"the job does not fit: {plan.verdict()}")
+    if args.signal_before is None:
+        req.signal_s = max(DEFAULT_SIGNAL_S, plan.signal_s)
+    elif args.signal_before < plan.signal_s:
+        raise UserError(f"--signal-before {args.signal_before} leaves too little time to checkpoint: the plan needs "
+                        f"{plan.signal_s} s (2 saves of {plan.save_s:.0f} s + one step); give at least that")  # fmt: skip
+    req.plan = plan
 
 
 def missing_inputs(cfg) -> list[str]:
@@ -144,6 +151,7 @@ def cmd_launch_slurm(args) -> int:
         part = cluster.check_request(req.partition, nodes=req.nodes, gpus_per_node=req.gpus_per_node,
                                      tasks_per_node=req.tasks_per_node, cpus_per_task=req.cpus_per_task)  # fmt: skip
         req.partition = req.partition or part.name
+    plan_request(req, args)
     if req.missing_inputs:
         what = "; ".join(req.missing_inputs)
         if not args.dry_run:

@@ -107,6 +107,8 @@ class LaunchRequest:
     """The job's :class:`~megatron_elastic.parallel.plan.Plan` (GPU jobs), written beside the batch script."""
     missing_inputs: list[str] = field(default_factory=list)
     """Inputs of the recipe not found on this machine (a dry run warns, a submission refuses)."""
+    run_config: object = None
+    """The loaded recipe (:class:`~megatron_elastic.config.RunConfig`) the plan is made from."""
 
     def srun_arguments(self) -> list[str]:
         """Extra ``srun`` arguments: the container's (pyxis), then the profile's own."""

@@ -195,6 +195,7 @@ def test_errors_before_submission(slurm_cluster, tmp_path):
                           "--gpus-per-node 4 but the nodes of partition 'debug' have at most 2"),
         "missing config": (["--config", str(tmp_path / "nope.yaml")], "nope.yaml' does not exist"),
         "too many nodes": (["--nodes", "3"], "--nodes 3 but partition 'debug' has only 2 node(s)"),
+        "does not fit": (["--gpu-memory", "1MB"], "the job does not fit: stage 1 ("),
     }  # fmt: skip
     procs = {name: subprocess.Popen([*CLI, *LAUNCH, *args, f"run_dir={tmp_path / name}"], env=slurm_cluster, cwd=REPO,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -209,8 +210,9 @@ def test_errors_before_submission(slurm_cluster, tmp_path):
 
 def test_dry_run_prints_the_batch_script(slurm_cluster, tmp_path):
     r = run_cli(slurm_cluster, *LAUNCH, "--nodes", "2", "--gpus-per-node", "2", "--dry-run",
-                f"run_dir={tmp_path / 'r'}")  # fmt: skip
+                f"run_dir={tmp_path / 'r'}", "train.global_batch_size=32")  # 4 ranks x micro-batch 8  # fmt: skip
     assert r.returncode == 0, r.stderr
+    assert "plan: " in r.stderr and "ok: fits" in r.stderr  # the plan goes to stderr, the script alone to stdout
     script = r.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2",
                  "#SBATCH --partition=debug", "#SBATCH --signal=USR1@120", "#SBATCH --requeue",

@@ -72,12 +72,17 @@ def _launch_args(**kw) -> argparse.Namespace:
 
 
 def test_launch_plans_first_and_sizes_the_stop_signal():
-    from megatron_elastic.slurm.cli import build_request
+    from megatron_elastic.slurm.cli import build_request, plan_request
 
-    req = build_request(_launch_args())
+    def planned(args):
+        req = build_request(args)
+        plan_request(req, args)  # after the cluster checks, before anything is submitted
+        return req
+
+    req = planned(_launch_args())
     assert req.plan.fits and req.signal_s == max(120, req.plan.signal_s)
     assert any("elastic.parent" in m for m in req.missing_inputs)  # a warning in a dry run, an error on submit
     with pytest.raises(UserError, match=r"^the job does not fit: stage 2 \(49,152 tokens\) needs .* set train.recompute=full$"):
-        build_request(_launch_args(overrides=["train.recompute=selective"]))
+        planned(_launch_args(overrides=["train.recompute=selective"]))
     with pytest.raises(UserError, match=r"^--signal-before 30 leaves too little time to checkpoint: the plan needs \d+ s"):
-        build_request(_launch_args(signal_before=30))
+        planned(_launch_args(signal_before=30))
