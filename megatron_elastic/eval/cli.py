@@ -136,7 +136,7 @@ def cmd_study(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``eval`` and ``study`` to the top-level subcommands."""
-    from megatron_elastic.eval.harness import TASKS
+    from megatron_elastic.eval.tasks import TASKS
 
     p = subparsers.add_parser("eval", help="evaluate every budget of a checkpoint: params, memory, latency, loss, "
                                            "bits per byte, recall, shifted domain, greedy sample")  # fmt: skip

@@ -26,8 +26,7 @@ import torch
 
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.eval.mqar import MQARConfig
-
-TASKS = ("loss", "recall", "shift", "sample")
+from megatron_elastic.eval.tasks import TASKS
 
 
 @dataclass(kw_only=True)

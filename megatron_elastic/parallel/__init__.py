@@ -6,12 +6,9 @@ in :mod:`.tensor` and :mod:`.losses`.
 Importing this package does not import megatron-core (about 7 s); the submodules do, when used.
 """
 
-from megatron_elastic.parallel.groups import (
-    ParallelGroups,
-    build_groups,
-    destroy_parallel,
-    init_parallel,
-    single_process,
-)
+from megatron_elastic.utils.lazy import lazy_exports
 
 __all__ = ["ParallelGroups", "build_groups", "destroy_parallel", "init_parallel", "single_process"]
+
+# On first use, so that importing a light submodule (the `plan` command's registration) does not import torch.
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {name: ".groups" for name in __all__})

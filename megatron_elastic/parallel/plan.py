@@ -28,9 +28,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_elastic.config import RunConfig
+from typing import TYPE_CHECKING
+
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.config import HybridConfig, num_parameters
+
+if TYPE_CHECKING:  # the command's registration stays light: torch and the models load when a plan is made
+    from megatron_elastic.config import RunConfig
+    from megatron_elastic.model.config import HybridConfig
+    from megatron_elastic.parallel.memory import MemoryEstimate, MemoryLayout
 
 # The memory model (parallel.memory: torch, the pipeline split, megatron-core) is imported where a plan is
 # made, so that registering the command keeps the command line's start-up light.
@@ -204,6 +209,7 @@ def make_plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, gpu_memory: flo
 
 def _make_plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, gpu_memory: float, margin: float, mfu: float,
                peak_tflops: float, fs_gbps: float) -> Plan:  # fmt: skip
+    from megatron_elastic.model.config import num_parameters
     from megatron_elastic.parallel.memory import MemoryLayout, estimate_memory
 
     model = plan_model(cfg)
