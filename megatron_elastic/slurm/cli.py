@@ -142,9 +142,6 @@ def cmd_launch_slurm(args) -> int:
     from megatron_elastic.slurm import cluster, submit
 
     req = build_request(args)
-    if not args.profile:
-        print("[launch] warning: no --profile named: partition, CPUs per task (1), NCCL and container settings are "
-              "the cluster's defaults; see slurm/profiles/ and docs/slurm.md", file=sys.stderr)  # fmt: skip
     if args.dry_run and shutil.which("sinfo") is None:
         print("[launch] sinfo not found: the request was not checked against a cluster", file=sys.stderr)
     else:
@@ -152,6 +149,9 @@ def cmd_launch_slurm(args) -> int:
                                      tasks_per_node=req.tasks_per_node, cpus_per_task=req.cpus_per_task)  # fmt: skip
         req.partition = req.partition or part.name
     plan_request(req, args)
+    if not args.profile:  # after every check: an error stays the one line on stderr
+        print("[launch] warning: no --profile named: partition, CPUs per task (1), NCCL and container settings are "
+              "the cluster's defaults; see slurm/profiles/ and docs/slurm.md", file=sys.stderr)  # fmt: skip
     if req.missing_inputs:
         what = "; ".join(req.missing_inputs)
         if not args.dry_run:
