@@ -576,13 +576,19 @@ class MemoryLayout:
         stage_layer_ranges(config, self.pp)
 
     @classmethod
-    def from_run_config(cls, cfg, *, dp: int = 1, seq_len: int | None = None, params_dtype: str = "float32",
-                        distributed_optimizer: bool = False, teacher_dtype: str | None = None,
+    def from_run_config(cls, cfg, *, dp: int = 1, seq_len: int | None = None, params_dtype: str | None = None,
+                        distributed_optimizer: bool | None = None, teacher_dtype: str | None = None,
                         **overrides) -> MemoryLayout:  # fmt: skip
-        """The layout of a :class:`~megatron_elastic.config.schema.RunConfig` run over ``dp`` replicas.
-        ``params_dtype`` / ``distributed_optimizer`` are arguments until the run config carries them;
-        ``teacher_dtype`` defaults to the parameters' dtype for an elastic run (the teacher is a copy)."""
+        """The layout of a :class:`~megatron_elastic.config.schema.RunConfig` run over ``dp`` GPU replicas.
+        ``params_dtype`` / ``distributed_optimizer`` default to the run's (``train.params_dtype`` resolved
+        on CUDA: 'auto' is bfloat16); ``teacher_dtype`` to the parameters' dtype for an elastic run."""
+        from megatron_elastic.training.trainer import resolve_params_dtype
+
         t, p = cfg.train, cfg.parallel
+        if params_dtype is None:
+            params_dtype = str(resolve_params_dtype(t.params_dtype, torch.device("cuda"))).removeprefix("torch.")
+        if distributed_optimizer is None:
+            distributed_optimizer = p.distributed_optimizer
         elastic = cfg.elastic is not None
         per = cfg.distill.budgets_per_micro_batch if elastic and cfg.distill else 0
         budgets = per or (len(cfg.elastic.budgets) if elastic else 1)

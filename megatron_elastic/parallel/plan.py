@@ -120,12 +120,6 @@ def plan_model(cfg: RunConfig) -> HybridConfig:
     return cfg.model
 
 
-def _precision(cfg: RunConfig) -> tuple[str, bool]:
-    """(params dtype on a GPU, distributed optimizer) of the run."""
-    dtype = cfg.train.params_dtype
-    return ("bfloat16" if dtype == "auto" else dtype), bool(cfg.parallel.distributed_optimizer)
-
-
 def _stages(cfg: RunConfig) -> list[tuple[str, int]]:
     stages = [("stage 1", cfg.data.seq_len)]
     d = cfg.distill
@@ -215,11 +209,9 @@ def _make_plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, gpu_memory: fl
     model = plan_model(cfg)
     world = nodes * gpus_per_node
     dp = cfg.parallel.resolve_dp(world)
-    params_dtype, dist_opt = _precision(cfg)
     stages = []
     for name, seq_len in _stages(cfg):
-        layout = MemoryLayout.from_run_config(cfg, dp=dp, seq_len=seq_len, params_dtype=params_dtype,
-                                              distributed_optimizer=dist_opt)  # fmt: skip
+        layout = MemoryLayout.from_run_config(cfg, dp=dp, seq_len=seq_len)  # the run's precision, on GPUs
         memory = estimate_memory(model, layout)
         tokens, flops = _flops_per_step(model, cfg, layout)
         step_s = flops / (world * peak_tflops * 1e12 * mfu)
@@ -228,12 +220,12 @@ def _make_plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, gpu_memory: fl
         stages.append(StagePlan(f"{name} ({seq_len:,} tokens)", seq_len, layout, memory, tokens, flops, step_s,
                                 fits, fix))  # fmt: skip
     n = sum(num_parameters(model).values())
-    per_param = (2 if params_dtype == "bfloat16" else 4) + (4 if params_dtype == "bfloat16" else 0) + 8
-    ckpt = n * per_param
+    # weights + two fp32 Adam moments (8 B), + fp32 main weights when the weights are bf16
+    ckpt = n * (2 + 4 + 8 if layout.params_dtype == "bfloat16" else 4 + 8)
     save_s = ckpt / (fs_gbps * GB)
     signal = int(math.ceil((2 * save_s + max(s.step_s for s in stages)) / 10.0) * 10)
     assumptions = {"mfu": mfu, "peak_tflops_per_gpu": peak_tflops, "fs_bandwidth_gbps": fs_gbps,
-                   "params_dtype": params_dtype, "distributed_optimizer": dist_opt}  # fmt: skip
+                   "params_dtype": layout.params_dtype, "distributed_optimizer": layout.distributed_optimizer}  # fmt: skip
     return Plan(nodes, gpus_per_node, cfg.parallel.tp, cfg.parallel.pp, dp, gpu_memory, margin, n, tuple(stages),
                 ckpt, save_s, max(signal, 10), assumptions)  # fmt: skip
 
