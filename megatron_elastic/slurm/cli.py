@@ -121,18 +121,16 @@ def plan_request(req, args) -> None:
 
 
 def missing_inputs(cfg) -> list[str]:
-    """The recipe's inputs that are not on this machine: the parent, the tokenizer, the dataset files."""
+    """The recipe's inputs (``submit.recipe_inputs``) that are not on this machine."""
     from megatron_elastic.data.indexed import dataset_files
+    from megatron_elastic.slurm.submit import recipe_inputs
 
     missing = []
-    if cfg.elastic is not None and cfg.elastic.parent and not Path(cfg.elastic.parent).exists():
-        missing.append(f"elastic.parent {cfg.elastic.parent}")
-    if cfg.data.tokenizer != "builtin" and not Path(cfg.data.tokenizer).exists():
-        missing.append(f"data.tokenizer {cfg.data.tokenizer}")
-    for key in ("train_prefix", "valid_prefix"):
-        prefix = getattr(cfg.data, key)
-        if prefix != "builtin" and not all(p.exists() for p in dataset_files(prefix)[:2]):
-            missing.append(f"data.{key} {prefix} (.bin/.idx)")
+    for key, path, kind in recipe_inputs(cfg):
+        if kind == "prefix" and not all(p.exists() for p in dataset_files(path)[:2]):
+            missing.append(f"{key} {path} (.bin/.idx)")
+        elif kind != "prefix" and not Path(path).exists():
+            missing.append(f"{key} {path}")
     return missing
 
 

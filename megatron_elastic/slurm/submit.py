@@ -162,14 +162,21 @@ class LaunchRequest:
         return TrainTask(python=self.python, entry=str(TRAIN_ENTRY), config=self.config, overrides=list(self.overrides))
 
 
+def recipe_inputs(cfg) -> list[tuple[str, str, str]]:
+    """The recipe's inputs on disk, ``(key, path, kind)``: kind ``prefix`` (a dataset's ``.bin`` / ``.idx``
+    pair), ``file`` (the tokenizer, the ranking) or ``dir`` (the parent); the built-in ones are left out."""
+    d = cfg.data
+    out = [(f"data.{key}", getattr(d, key), "prefix") for key in ("train_prefix", "valid_prefix")]
+    out.append(("data.tokenizer", d.tokenizer, "file"))
+    if cfg.elastic is not None:
+        out += [("elastic.parent", cfg.elastic.parent, "dir"), ("elastic.ranking", cfg.elastic.ranking, "file")]
+    return [(key, path, kind) for key, path, kind in out if path and path != "builtin"]
+
+
 def container_mounts(cfg, run_dir: Path, extra: list[str]) -> list[str]:
     """pyxis mounts for a run: the checkout, the run directory, the directories of the recipe's inputs
-    (data prefixes, tokenizer, parent, ranking) that lie outside both, then ``extra``; each at its own path."""
-    inputs = (cfg.data.train_prefix, cfg.data.valid_prefix, cfg.data.tokenizer)
-    dirs = [Path(p).resolve().parent for p in inputs if p and p != "builtin"]
-    if cfg.elastic is not None:
-        dirs += [Path(p).resolve() for p in (cfg.elastic.parent,) if p]
-        dirs += [Path(p).resolve().parent for p in (cfg.elastic.ranking,) if p]
+    (:func:`recipe_inputs`) that lie outside both, then ``extra``; each at its own path."""
+    dirs = [Path(p).resolve() if kind == "dir" else Path(p).resolve().parent for _, p, kind in recipe_inputs(cfg)]
     mounts: list[Path] = []
     for d in [REPO_ROOT, run_dir.resolve(), *dirs]:
         if not any(d == m or m in d.parents for m in mounts):
