@@ -127,10 +127,10 @@ class Experts(nn.Module):
             if counts[e]:
                 h = torch.square(F.relu(F.linear(part, self.up_proj[e])))
                 outs.append(F.linear(h, self.down_proj[e]))
-        if not outs:
-            return torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
-        y = torch.cat(outs).float() * weights_TK.reshape(-1)[order, None]
-        return torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device).index_add_(0, token, y)
+        out = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
+        if outs:
+            out.index_add_(0, token, torch.cat(outs).float() * weights_TK.reshape(-1)[order, None])
+        return out
 
 
 class MoE(nn.Module):
