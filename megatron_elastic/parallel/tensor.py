@@ -154,6 +154,8 @@ def check_fp8_divisibility(config: HybridConfig, tp_size: int = 1, elastic_choic
     # Every child must run FP8 too: the per-rank GEMM widths of every choice (and of every Mamba
     # heads x head-dim pair: in_proj packs [z, x, B, C, dt], so its width has an odd part per head).
     choices = _elastic_sizes(elastic_choices, config)
+    if not choices:  # the parent's own widths were checked above
+        return
     kinds = set(c.layer_types)
     G, N = c.mamba_num_groups, c.mamba_state_dim
     widths: list[tuple[str, str, int]] = [("hidden", f"size {k} gives a hidden width", k) for k in choices.get("hidden", ())]
