@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from megatron_elastic.errors import CheckpointError
-from megatron_elastic.model.config import HybridConfig
+from megatron_elastic.model.config import HybridConfig, num_parameters
 from megatron_elastic.model.hybrid import HybridLM
 from megatron_elastic.utils.io import (
     TensorFiles,
@@ -129,8 +129,7 @@ def save_native(model: HybridLM | NativeTensors, dst: str | Path, *, overwrite: 
     dst = Path(dst)
     if isinstance(model, NativeTensors):
         config, specs, tensors = model.config, native_tensor_specs(model.config, model.dtype), model.tensors
-        with torch.device("meta"):
-            num_params = HybridLM(config, init=False).num_parameters()
+        num_params = sum(num_parameters(config).values())  # from the shapes, as a built model counts them
     else:
         state = model.state_dict()
         specs = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
