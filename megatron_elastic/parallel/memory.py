@@ -581,7 +581,8 @@ class MemoryLayout:
                         **overrides) -> MemoryLayout:  # fmt: skip
         """The layout of a :class:`~megatron_elastic.config.schema.RunConfig` run over ``dp`` GPU replicas.
         ``params_dtype`` / ``distributed_optimizer`` default to the run's (``train.params_dtype`` resolved
-        on CUDA: 'auto' is bfloat16); ``teacher_dtype`` to the parameters' dtype for an elastic run."""
+        on CUDA: 'auto' is bfloat16); ``teacher_dtype`` to what the elastic trainer holds it in (bf16 when the
+        weights or the compute are: ``ElasticTrainer.teacher_dtype``)."""
         from megatron_elastic.training.trainer import resolve_params_dtype
 
         t, p = cfg.train, cfg.parallel
@@ -600,10 +601,17 @@ class MemoryLayout:
                       grad_accum=t.global_batch_size // (t.micro_batch_size * dp), recompute=t.recompute,
                       params_dtype=params_dtype, compute_dtype="float32" if t.precision == "fp32" else "bfloat16",
                       distributed_optimizer=distributed_optimizer,
-                      teacher_dtype=(teacher_dtype or params_dtype) if elastic else None, elastic=elastic,
+                      teacher_dtype=(teacher_dtype or _teacher_dtype(params_dtype, t.precision)) if elastic else None,
+                      elastic=elastic,
                       budgets_per_micro_batch=budgets)  # fmt: skip
         fields.update(overrides)
         return cls(**fields)
+
+
+def _teacher_dtype(params_dtype: str, precision: str) -> str:
+    """The frozen teacher's dtype on a GPU, as ``ElasticTrainer.teacher_dtype`` picks it: bf16 when the weights
+    are bf16 or the run computes in bf16 (``train.precision`` auto or bf16 on CUDA), else fp32."""
+    return "bfloat16" if params_dtype == "bfloat16" or precision != "fp32" else "float32"
 
 
 @dataclass(frozen=True)
