@@ -15,20 +15,10 @@ def _say(msg: str) -> None:
 
 
 def _eval_config(tasks: str, sets: list[str]):
-    from megatron_elastic.config.loader import parse_override
     from megatron_elastic.eval.harness import EvalConfig, parse_tasks
-    from megatron_elastic.eval.study_config import _build
+    from megatron_elastic.eval.study_config import build_section, set_dotted
 
-    raw: dict = {}
-    for text in sets:
-        parts, value = parse_override(text)
-        if parts[0] == "eval":
-            parts = parts[1:]
-        node = raw
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    ecfg = _build(EvalConfig, raw, "eval.")
+    ecfg = build_section(EvalConfig, set_dotted({}, sets, strip="eval"), "eval.")
     ecfg.tasks = parse_tasks(tasks)
     return ecfg
 

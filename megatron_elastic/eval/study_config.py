@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_elastic.config.loader import bounded_int, finite_number, parse_override, read_yaml, resolve_recipe
-from megatron_elastic.errors import ConfigError
+from megatron_elastic.errors import ConfigError, shown
 from megatron_elastic.eval.harness import EvalConfig
 
 BASELINES = ("one-shot", "separate", "depth-only", "scratch")
@@ -174,7 +174,9 @@ def _coerce(key: str, value, t):
     return value
 
 
-def _build(cls, raw, prefix: str):
+def build_section(cls, raw, prefix: str):
+    """The dataclass ``cls`` from a mapping read from YAML / overrides; unknown keys and bad values are one-line
+    ConfigErrors naming ``prefix + key``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"study section {prefix.rstrip('.') or 'top level'!r} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -183,9 +185,28 @@ def _build(cls, raw, prefix: str):
         if key not in hints or key not in _fields(cls):
             raise _unknown(prefix + str(key))
         t = hints[key]
-        values[key] = _build(t, value or {}, f"{prefix}{key}.") if dataclasses.is_dataclass(t) else \
+        values[key] = build_section(t, value or {}, f"{prefix}{key}.") if dataclasses.is_dataclass(t) else \
             _coerce(prefix + key, value, t)  # fmt: skip
     return cls(**values)
+
+
+def set_dotted(raw: dict, overrides: list[str], strip: str = "") -> dict:
+    """Apply ``a.b.c=value`` overrides to the nested mapping ``raw`` in place (a leading ``strip.`` is dropped);
+    a key that would descend into a value (``a=1`` then ``a.b=2``) is a one-line ConfigError."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        if strip and parts[0] == strip:
+            parts = parts[1:]
+        if not parts:
+            raise ConfigError(f"bad setting {text!r}; write {strip or 'section'}.key=value")
+        node = raw
+        for i, p in enumerate(parts[:-1]):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"bad setting {text!r}: {'.'.join(parts[:i + 1])!r} was already set to a value "
+                                  f"({shown(node)}), so it has no key {parts[i + 1]!r}; set one or the other")
+        node[parts[-1]] = value
+    return raw
 
 
 def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
@@ -196,14 +217,7 @@ def load_study_config(path: str | Path, overrides: list[str] | None = None) -> S
     raw = read_yaml(Path(path), "study config") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"study config {str(path)!r} must hold a mapping")
-    for text in overrides or []:
-        parts, value = parse_override(text)
-        node = raw
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise _unknown(".".join(parts))
-        node[parts[-1]] = value
-    cfg = _build(StudyConfig, raw, "")
+    set_dotted(raw, overrides or [])
+    cfg = build_section(StudyConfig, raw, "")
     cfg.validate()
     return cfg

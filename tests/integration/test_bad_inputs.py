@@ -254,6 +254,10 @@ CASES = [
                                     "data.builtin_max_mb=.nan"], "data.builtin_max_mb=nan is invalid"),
     ("eval-set-word", lambda s, t: ["eval", "--checkpoint", str(s["many"]), "--out", str(t / "o"), "--set",
                                     "memory_context=many"], "memory_context='many' is invalid"),
+    ("eval-set-value-then-key", lambda s, t: ["eval", "--checkpoint", str(s["many"]), "--out", str(t / "o"), "--set",
+                                              "mqar=1", "--set", "mqar.num_pairs=2"], "'mqar' was already set to a value"),
+    ("eval-set-bare-section", lambda s, t: ["eval", "--checkpoint", str(s["many"]), "--out", str(t / "o"), "--set",
+                                            "eval=1"], "bad setting 'eval=1'; write eval.key=value"),
     # ---- profile
     ("plan-nodes-zero", lambda s, t: ["plan", "--config", "tiny", "--nodes", "0", "--gpus-per-node", "8"],
      "--nodes 0 is invalid; give a positive whole number"),
