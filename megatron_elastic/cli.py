@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=lambda a: conv.print_help() or 2)
 
     info = sub.add_parser("info", help="print the parameter table of a preset or a model directory")
-    info.add_argument("target", help="preset name (tiny, nemotron-nano-12b-v2) or model directory")
+    info.add_argument("target", help="preset name (tiny, tiny-moe, nemotron-nano-12b-v2, nemotron-3-nano-30b-a3b) or model directory")
     info.add_argument("--per-layer", action="store_true", help="one row per layer")
     info.set_defaults(func=cmd_info)
 

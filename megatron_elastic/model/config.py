@@ -461,6 +461,14 @@ def _tiny() -> HybridConfig:
     )
 
 
+def _tiny_moe() -> HybridConfig:
+    # The tiny parent with two of its MLP layers made mixture-of-experts ('E'): 8 routed experts in 2 routing
+    # groups (top 2 from the best group), a shared expert; for the CPU MoE demo and tests.
+    return dataclasses.replace(_tiny(), pattern="M-ME*ME", num_moe_experts=8, moe_router_topk=2,
+                               moe_ffn_hidden_size=128, moe_shared_expert_intermediate_size=192,
+                               moe_router_num_groups=2, moe_router_group_topk=1)  # fmt: skip
+
+
 def _nemotron_nano_12b_v2() -> HybridConfig:
     # Nemotron Nano V2 12B (PAPER.md): 62 layers (28 M, 6 *, 28 -).
     pattern = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
@@ -505,12 +513,13 @@ def _nemotron_3_nano_30b_a3b() -> HybridConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "nemotron-nano-12b-v2": _nemotron_nano_12b_v2,
+PRESETS = {"tiny": _tiny, "tiny-moe": _tiny_moe, "nemotron-nano-12b-v2": _nemotron_nano_12b_v2,
            "nemotron-3-nano-30b-a3b": _nemotron_3_nano_30b_a3b}  # fmt: skip
 
 
 def preset(name: str) -> HybridConfig:
-    """A named model shape: ``tiny`` (CPU demo and tests), ``nemotron-nano-12b-v2`` or ``nemotron-3-nano-30b-a3b``."""
+    """A named model shape: ``tiny`` and ``tiny-moe`` (CPU demos and tests), ``nemotron-nano-12b-v2`` or
+    ``nemotron-3-nano-30b-a3b``."""
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()

@@ -237,3 +237,15 @@ def test_nemotron_3_nano_preset_has_the_published_size_and_round_trips_through_n
     assert (hf["n_routed_experts"], hf["num_experts_per_tok"], hf["moe_latent_size"]) == (128, 6, None)
     assert hf["layers_block_type"].count("moe") == 23
     assert config_from_hf(hf) == cfg
+
+
+def test_tiny_moe_preset_mixes_dense_and_moe_layers():
+    from megatron_elastic.model import preset
+
+    cfg = preset("tiny-moe")
+    assert cfg.layer_types == ["M", "-", "M", "E", "*", "M", "E"]
+    model = HybridLM(cfg)
+    assert sum(num_parameters(cfg).values()) == model.num_parameters() == 1_282_504
+    moe = moe_parameters(cfg)  # 8 experts of 2 x 128 x 128, a 192-wide shared expert, a 128 x 8 router
+    assert (moe["expert"], moe["shared"], moe["router"]) == (32_768, 49_152, 1_024)
+    assert moe["active"] == moe["router"] + moe["shared"] + 2 * moe["expert"] == 115_712
