@@ -441,6 +441,13 @@ def moe_parameters(config: HybridConfig) -> dict[str, int]:
     return counts
 
 
+
+def active_parameters(config: HybridConfig) -> int:
+    """Parameters one token uses: the total of :func:`num_parameters` minus, in every MoE ('E')
+    layer, the routed experts beyond the top-k (see ``moe_parameters``'s ``active``)."""
+    unused = moe_parameters(config)["total"] - moe_parameters(config)["active"]
+    return sum(num_parameters(config).values()) - unused * config.layer_types.count(MOE)
+
 # ---------------------------------------------------------------------- presets
 def _tiny() -> HybridConfig:
     # ~0.85M parameters: trains in seconds on 2 CPU cores; every axis of the parent is non-trivial
