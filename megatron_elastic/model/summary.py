@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_elastic.model.config import LAYER_NAMES, HybridConfig, num_parameters
+from megatron_elastic.model.config import LAYER_NAMES, MOE, HybridConfig, active_parameters, num_parameters
 
 
 def _fmt(n: int) -> str:
@@ -32,4 +32,11 @@ def parameter_table(config: HybridConfig, *, per_layer: bool = False) -> str:
         lines.append(f"{name:<{width}}{count:>6}{n:>16,}{100 * n / total:>8.2f}%")
     lines.append("-" * (width + 31))
     lines.append(f"{'total':<{width}}{config.num_layers:>6}{total:>16,}   ({_fmt(total)})")
+    if MOE in config.layer_types:
+        # what one token uses: every routed expert beyond the top-k of each MoE layer left out; also
+        # without the input embedding table (a lookup, no matmul), as MoE models' active counts are quoted
+        active = active_parameters(config)
+        lines.append(f"{'active per token':<{width}}{'':>6}{active:>16,}   ({_fmt(active)})")
+        lookup = active - counts["embedding"]
+        lines.append(f"{'  without embedding':<{width}}{'':>6}{lookup:>16,}   ({_fmt(lookup)})")
     return "\n".join(lines)

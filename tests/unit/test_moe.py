@@ -225,6 +225,8 @@ def test_a_training_step_balances_the_routers(tmp_path):
 def test_nemotron_3_nano_preset_has_the_published_size_and_round_trips_through_nemotron_h():
     from megatron_elastic.convert.hf import config_from_hf, config_to_hf
     from megatron_elastic.model import preset
+    from megatron_elastic.model.config import active_parameters
+    from megatron_elastic.model.summary import parameter_table
 
     cfg = preset("nemotron-3-nano-30b-a3b")
     total = sum(num_parameters(cfg).values())
@@ -232,7 +234,14 @@ def test_nemotron_3_nano_preset_has_the_published_size_and_round_trips_through_n
     assert (cfg.layer_types.count("M"), cfg.layer_types.count("E"), cfg.layer_types.count("*")) == (23, 23, 6)
     moe = moe_parameters(cfg)
     active = total - 23 * (moe["experts"] - 6 * moe["expert"])
-    assert moe["active"] == moe["total"] - 122 * moe["expert"] and 3.5e9 < active < 3.6e9  # "A3B": ~3.5B active
+    assert moe["active"] == moe["total"] - 122 * moe["expert"]
+    assert active_parameters(cfg) == active == 3_580_073_408
+    # published (to 0.1B): "3.2B active parameters (3.6B including embeddings)"
+    assert round(active / 1e8) == 36 and round((active - num_parameters(cfg)["embedding"]) / 1e8) == 32
+    table = parameter_table(cfg)
+    assert "active per token               3,580,073,408   (3.58B)" in table
+    assert "without embedding            3,227,751,872   (3.23B)" in table
+    assert "active" not in parameter_table(preset("tiny"))
     hf = config_to_hf(cfg)
     assert (hf["n_routed_experts"], hf["num_experts_per_tok"], hf["moe_latent_size"]) == (128, 6, None)
     assert hf["layers_block_type"].count("moe") == 23
