@@ -60,6 +60,12 @@ def random_arch(config: HybridConfig, rng: random.Random, *, ffn_multiple: int =
             kw["ffn_hidden_size"] = ffn_multiple * rng.randint(1, config.ffn_hidden_size // ffn_multiple)
         elif layer.kind == "*":
             kw["num_attention_heads"] = config.num_query_groups * rng.randint(1, 3)
+        elif layer.kind == "E":
+            groups = config.moe_router_num_groups
+            kw["num_moe_experts"] = groups * rng.randint(2, config.num_moe_experts // groups)
+            kw["moe_ffn_hidden_size"] = rng.randint(1, config.moe_ffn_hidden_size)
+            kw["moe_shared_expert_intermediate_size"] = rng.randint(1, config.moe_shared_expert_intermediate_size)
+            kw["moe_router_topk"] = rng.randint(1, config.moe_router_group_topk * kw["num_moe_experts"] // groups)
         else:
             kw["mamba_num_heads"] = config.mamba_num_groups * rng.randint(1, 4)
             kw["mamba_head_dim"] = rng.randint(1, config.mamba_head_dim)

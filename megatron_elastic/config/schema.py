@@ -198,7 +198,8 @@ class ElasticConfig:
     budgets: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
     """Target costs as fractions of the parent's, largest first; the first is the full model (1.0)."""
     cost: str = "params"
-    """What a budget limits: 'params', 'memory' (weights + KV cache + Mamba state) or 'latency'."""
+    """What a budget limits: 'params', 'active_params' (the parameters one token uses: MoE layers count their
+    top-k experts only), 'memory' (weights + KV cache + Mamba state) or 'latency'."""
     hidden: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
     """Allowed hidden sizes, as fractions of the parent's."""
     ffn: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25])
@@ -209,10 +210,16 @@ class ElasticConfig:
     """Allowed Mamba head counts (trimmed inside each group)."""
     mamba_head_dim: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75])
     """Allowed Mamba head_dim sizes."""
+    moe_experts: list[float] = field(default_factory=lambda: [1.0])
+    """Allowed routed-expert counts of MoE ('E') layers (trimmed inside each routing group, >= 2 per group)."""
+    moe_ffn: list[float] = field(default_factory=lambda: [1.0])
+    """Allowed FFN widths of the routed experts (one width for all experts of a layer)."""
+    moe_shared_ffn: list[float] = field(default_factory=lambda: [1.0])
+    """Allowed widths of the shared expert."""
     depth: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75])
     """Allowed fractions of layers kept (the least important are dropped first)."""
     heterogeneous: bool = False
-    """Per-layer choices for FFN / attention / Mamba (hidden and depth stay global)."""
+    """Per-layer choices for FFN / attention / Mamba / MoE (hidden and depth stay global)."""
     multiple_of: int = 1
     """Round every size down to a multiple of this (e.g. 16 for FP8 GEMMs)."""
     protect_attention: bool = False
@@ -252,11 +259,12 @@ class ElasticConfig:
     """JSON latency table from `megatron-elastic profile` (cost: latency)."""
 
     def validate(self) -> None:
-        for name in ("budgets", "hidden", "ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "depth"):
+        for name in ("budgets", "hidden", "ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "moe_experts", "moe_ffn",
+                     "moe_shared_ffn", "depth"):  # fmt: skip
             check_fractions(f"elastic.{name}", getattr(self, name),
                             full="the full model" if name == "budgets" else "the parent's own size")  # fmt: skip
-        if self.cost not in ("params", "memory", "latency"):
-            raise ConfigError(f"elastic.cost={self.cost!r} is invalid; use params, memory or latency")
+        if self.cost not in ("params", "active_params", "memory", "latency"):
+            raise ConfigError(f"elastic.cost={self.cost!r} is invalid; use params, active_params, memory or latency")
         if self.cost == "latency" and not self.latency_table:
             raise ConfigError("elastic.cost=latency needs elastic.latency_table (run `megatron-elastic profile`)")
         if self.mask_mode not in ("hard", "soft"):

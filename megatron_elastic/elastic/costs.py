@@ -8,7 +8,9 @@ closed-form cost, so the cost is exact for one-hot probabilities (an actual arch
 smooth in between. Costs are computed in float64 so that parameter counts of large parents stay
 exact integers.
 
-* :func:`params` — the formula of :func:`megatron_elastic.model.config.num_parameters`.
+* :func:`params` — the formula of :func:`megatron_elastic.model.config.num_parameters`;
+  ``active=True``: of :func:`megatron_elastic.model.config.active_parameters` (MoE layers count their
+  top-k experts only, the top-k following the expected expert count as the architecture's does).
 * :func:`memory` — weights + attention KV cache + Mamba conv / SSM state, in bytes.
 * :func:`latency` — from a per-layer latency table measured by :func:`profile_latency`.
 * :func:`router_loss` — ``relu(|cost / (budget * full) - 1| - tolerance)``.
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from megatron_elastic.elastic.search_space import LAYER_AXIS_KIND, ElasticSpace
 from megatron_elastic.elastic.space import AXES
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 
 Probs = Mapping[str, torch.Tensor]
 
@@ -52,6 +54,12 @@ class ExpectedArchitecture:
     """(Mamba layers,) expected Mamba heads."""
     mamba_head_dim: torch.Tensor
     """(Mamba layers,) expected Mamba head_dim."""
+    moe_experts: torch.Tensor
+    """(MoE layers,) expected routed experts."""
+    moe_ffn: torch.Tensor
+    """(MoE layers,) expected FFN width of the routed experts."""
+    moe_shared_ffn: torch.Tensor
+    """(MoE layers,) expected shared-expert width."""
 
 
 def one_hot(space: ElasticSpace, indices: Mapping[str, int | Sequence[int]], dtype=torch.float32,
@@ -87,18 +95,16 @@ def expected_architecture(space: ElasticSpace, probs: Probs) -> ExpectedArchitec
         if axis in LAYER_AXIS_KIND and e.dim() == 0:
             e = e.expand(len(space.layer_indices(axis)))
         sizes[axis] = e
-    return ExpectedArchitecture(hidden=sizes["hidden"], keep=sizes["depth"], ffn=sizes["ffn"],
-                                attn_heads=sizes["attn_heads"], mamba_heads=sizes["mamba_heads"],
-                                mamba_head_dim=sizes["mamba_head_dim"])  # fmt: skip
+    return ExpectedArchitecture(keep=sizes.pop("depth"), **sizes)
 
 
 def _kept(space: ElasticSpace, e: ExpectedArchitecture, kind: str) -> torch.Tensor:
     return e.keep[[i for i, k in enumerate(space.config.layer_types) if k == kind]]
 
 
-def params(space: ElasticSpace, probs: Probs) -> torch.Tensor:
-    """Expected parameter count: exactly ``sum(num_parameters(child_config(...)).values())`` when
-    the probabilities are one-hot."""
+def params(space: ElasticSpace, probs: Probs, *, active: bool = False) -> torch.Tensor:
+    """Expected parameter count: exactly ``sum(num_parameters(child_config(...)).values())`` (``active``:
+    ``active_parameters(child_config(...))``) when the probabilities are one-hot."""
     c = space.config
     e = expected_architecture(space, probs)
     d = e.hidden
@@ -113,7 +119,16 @@ def params(space: ElasticSpace, probs: Probs) -> torch.Tensor:
     conv = di + 2 * gn  # conv1d over [x, B, C]
     mamba = (d + d * in_dim + (in_dim if c.mamba_proj_bias else 0) + conv * c.mamba_conv_kernel
              + (conv if c.mamba_conv_bias else 0) + 3 * H + di + di * d + (d if c.mamba_proj_bias else 0))  # fmt: skip
-    for kind, per_layer in ((MLP, mlp), (ATTENTION, attn), (MAMBA, mamba)):
+    E = e.moe_experts
+    din = c.moe_latent_size if c.moe_latent_size else d  # what the routed experts read and write
+    routed = E
+    if active:  # the top-k follows the kept experts where fewer than the parent's top-k are reachable
+        reachable = c.moe_router_group_topk * E / max(1, c.moe_router_num_groups)
+        routed = torch.minimum(reachable, torch.full_like(E, float(c.moe_router_topk)))
+    s, L = e.moe_shared_ffn, c.moe_latent_size
+    moe = (d + E * d + routed * 2 * din * e.moe_ffn + 2 * d * s + ((s + d) if c.mlp_bias else 0)
+           + ((2 * d * L + ((L + d) if c.mlp_bias else 0)) if L else 0))  # fmt: skip
+    for kind, per_layer in ((MLP, mlp), (ATTENTION, attn), (MAMBA, mamba), (MOE, moe)):
         total = total + (_kept(space, e, kind) * per_layer).sum()
     return total
 
@@ -171,6 +186,9 @@ def check_latency_table(space: ElasticSpace, table: Mapping) -> None:
     """Raise ConfigError unless ``table`` has a non-empty entry for every layer type of the parent."""
     if not isinstance(table, Mapping) or "hidden_size" not in table:
         raise ConfigError("latency table lacks 'hidden_size'; regenerate it with profile_latency")
+    if MOE in space.config.layer_types:
+        raise ConfigError("the latency cost does not cover mixture-of-experts ('E') layers yet; use elastic.cost "
+                          "params or active_params")  # fmt: skip
     for kind in set(space.config.layer_types):
         points = table.get(kind)
         if not isinstance(points, Mapping) or not points:
@@ -255,7 +273,7 @@ def router_loss(cost: torch.Tensor, budget_fraction: float, full_cost: float | t
     return torch.relu((cost / (budget_fraction * full_cost) - 1).abs() - tolerance)
 
 
-COST_KINDS = ("params", "memory", "latency")
+COST_KINDS = ("params", "active_params", "memory", "latency")
 
 
 class Cost:
@@ -272,6 +290,7 @@ class Cost:
         self.space, self.kind = space, kind
         fns: dict[str, Callable[[Probs], torch.Tensor]] = {
             "params": lambda p: params(space, p),
+            "active_params": lambda p: params(space, p, active=True),
             "memory": lambda p: memory(space, p, bytes_per_param=bytes_per_param, batch=batch, context=context),
             "latency": lambda p: latency(space, p, table),
         }

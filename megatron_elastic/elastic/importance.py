@@ -16,6 +16,13 @@ Mamba head h        ``||S[h, top]||_2`` over the ``top`` channels (the ``mamba_t
                     ones, default all ``P``); heads are ranked **within their B/C group**
 attention head      ``A[c]`` = sum over batch and tokens of ``|q_c|`` (``q_proj`` output channel c);
                     head score = ``||A[head's channels]||_2``; ranked **within its KV group**
+routed expert e     sum over the (token, slot) pairs routed to ``e`` of ``||w_te * expert_e(x_t)||_2``
+                    (its weighted output): routing frequency x mean output magnitude, so an expert
+                    that is picked often but contributes little, or rarely, ranks low; ranked
+                    **within its routing group**
+expert neuron i     sum over the routed (token, slot) pairs and every expert of ``|x W1_{e,i}|`` (the
+                    experts' up_proj output; one order for all experts of a layer)
+shared neuron i     sum over batch and tokens of ``|x W1_i|`` of the shared expert's up_proj
 depth               see :data:`DEPTH_METHODS`
 ==================  ==============================================================================
 
@@ -53,14 +60,16 @@ import torch
 import torch.nn.functional as F
 
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, MOE, HybridConfig
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 from megatron_elastic.model.layout import MambaLayout
 
 DEPTH_METHODS = ("iterative-mse", "block-influence", "random")
 FORMAT = "megatron-elastic-ranking"
 FORMAT_VERSION = 1
-_PER_LAYER_AXES = {"ffn": MLP, "attn_heads": ATTENTION, "mamba_heads": MAMBA, "mamba_head_dim": MAMBA}
+_PER_LAYER_AXES = {"ffn": MLP, "attn_heads": ATTENTION, "mamba_heads": MAMBA, "mamba_head_dim": MAMBA,
+                   "moe_experts": MOE, "moe_ffn": MOE, "moe_shared_ffn": MOE}  # fmt: skip
+_MOE_RANKING_AXES = ("moe_experts", "moe_ffn", "moe_shared_ffn")  # absent from rankings of dense parents
 
 
 # ---------------------------------------------------------------------- the ranking file
@@ -106,6 +115,13 @@ class Ranking:
     """Every layer once, in removal order: least important first."""
     depth_method: str
     """One of :data:`DEPTH_METHODS`."""
+    moe_experts: dict[int, list[int]] = field(default_factory=dict)
+    """MoE layer -> (num_moe_experts,) routed experts; position p holds an expert of routing group
+    ``p // (experts / groups)``, most important first inside each group."""
+    moe_ffn: dict[int, list[int]] = field(default_factory=dict)
+    """MoE layer -> (moe_ffn_hidden_size,) neurons of every routed expert, most important first."""
+    moe_shared_ffn: dict[int, list[int]] = field(default_factory=dict)
+    """MoE layer -> (moe_shared_expert_intermediate_size,) shared-expert neurons, most important first."""
     scores: dict = field(default_factory=dict)
     """Raw scores, indexed by the parent's original indices: ``hidden`` (d,), ``ffn`` /
     ``attn_heads`` / ``mamba_heads`` / ``mamba_head_dim`` {layer: list}, ``depth`` (aligned with
@@ -125,6 +141,10 @@ class Ranking:
                 per["ffn"][i] = list(range(d.ffn_hidden_size))
             elif d.kind == ATTENTION:
                 per["attn_heads"][i] = list(range(d.num_attention_heads))
+            elif d.kind == MOE:
+                per["moe_experts"][i] = list(range(d.num_moe_experts))
+                per["moe_ffn"][i] = list(range(d.moe_ffn_hidden_size))
+                per["moe_shared_ffn"][i] = list(range(d.moe_shared_expert_intermediate_size))
             else:
                 per["mamba_heads"][i] = list(range(d.mamba_num_heads))
                 per["mamba_head_dim"][i] = list(range(d.mamba_head_dim))
@@ -157,6 +177,12 @@ class Ranking:
                     _check_perm(where, orders[i], d.num_attention_heads, groups=config.num_query_groups)
                 elif axis == "mamba_heads":
                     _check_perm(where, orders[i], d.mamba_num_heads, groups=config.mamba_num_groups)
+                elif axis == "moe_experts":
+                    _check_perm(where, orders[i], d.num_moe_experts, groups=config.moe_router_num_groups)
+                elif axis == "moe_ffn":
+                    _check_perm(where, orders[i], d.moe_ffn_hidden_size)
+                elif axis == "moe_shared_ffn":
+                    _check_perm(where, orders[i], d.moe_shared_expert_intermediate_size)
                 else:
                     _check_perm(where, orders[i], d.mamba_head_dim)
 
@@ -187,8 +213,10 @@ class Ranking:
             )
         try:
             per = {
-                axis: {int(i): [int(v) for v in order] for i, order in data[axis].items()} for axis in _PER_LAYER_AXES
-            }
+                axis: {int(i): [int(v) for v in order]
+                       for i, order in (data.get(axis, {}) if axis in _MOE_RANKING_AXES else data[axis]).items()}
+                for axis in _PER_LAYER_AXES
+            }  # fmt: skip
             scores = dict(data.get("scores") or {})
             for axis in _PER_LAYER_AXES:
                 if axis in scores:
@@ -221,10 +249,11 @@ class Ranking:
         lines += _top_bottom(self.hidden, s.get("hidden"), top)
         lines.append("")
 
-        layer_ids = sorted(set(self.ffn) | set(self.attn_heads) | set(self.mamba_heads))
+        layer_ids = sorted(set(self.ffn) | set(self.attn_heads) | set(self.mamba_heads) | set(self.moe_experts))
         lines += ["## Layers", ""]
         for i in layer_ids:
-            kind = types[i] if types else (MLP if i in self.ffn else ATTENTION if i in self.attn_heads else MAMBA)
+            kind = types[i] if types else (MLP if i in self.ffn else ATTENTION if i in self.attn_heads else
+                                           MOE if i in self.moe_experts else MAMBA)  # fmt: skip
             lines.append(f"### Layer {i} ({LAYER_NAMES[kind]})")
             if i in self.ffn:
                 lines.append(f"FFN neurons ({len(self.ffn[i])}):")
@@ -239,6 +268,14 @@ class Ranking:
                 lines += _grouped(self.mamba_heads[i], (s.get("mamba_heads") or {}).get(i), groups)
                 lines.append(f"Mamba head channels ({len(self.mamba_head_dim[i])}):")
                 lines += _top_bottom(self.mamba_head_dim[i], (s.get("mamba_head_dim") or {}).get(i), top)
+            if i in self.moe_experts:
+                groups = config.moe_router_num_groups if config is not None else 1
+                lines.append("Routed experts per routing group (most important first):")
+                lines += _grouped(self.moe_experts[i], (s.get("moe_experts") or {}).get(i), groups)
+                lines.append(f"Expert neurons ({len(self.moe_ffn[i])}):")
+                lines += _top_bottom(self.moe_ffn[i], (s.get("moe_ffn") or {}).get(i), top)
+                lines.append(f"Shared-expert neurons ({len(self.moe_shared_ffn[i])}):")
+                lines += _top_bottom(self.moe_shared_ffn[i], (s.get("moe_shared_ffn") or {}).get(i), top)
             lines.append("")
 
         lines += [f"## Depth ({self.depth_method}): removal order, least important first", ""]
@@ -348,13 +385,14 @@ def activation_scores(model, batches: Iterable, *, log: Callable[[str], None] | 
     """One forward pass per batch with temporary forward hooks (removed afterwards, also on errors).
 
     Returns float64 CPU tensors: ``hidden`` (d,), ``ffn`` {layer: (F,)}, ``attn_channels``
-    {layer: (heads*head_dim,)}, ``mamba_x`` {layer: (H, P)}, ``block_influence`` (num_layers,),
+    {layer: (heads*head_dim,)}, ``mamba_x`` {layer: (H, P)}, ``moe_experts`` {layer: (E,)}, ``moe_ffn``
+    {layer: (expert F,)}, ``moe_shared_ffn`` {layer: (shared F,)}, ``block_influence`` (num_layers,),
     and ``tokens`` (int).
     """
     cfg = model.config
     dev = _device(model)
     acc = {"hidden": torch.zeros(cfg.hidden_size, dtype=torch.float64, device=dev),
-           "ffn": {}, "attn_channels": {}, "mamba_x": {}}  # fmt: skip
+           "ffn": {}, "attn_channels": {}, "mamba_x": {}, "moe_experts": {}, "moe_ffn": {}, "moe_shared_ffn": {}}  # fmt: skip
     influence = torch.zeros(cfg.num_layers, dtype=torch.float64, device=dev)
     counted = {"tokens": 0}
 
@@ -378,6 +416,24 @@ def activation_scores(model, batches: Iterable, *, log: Callable[[str], None] | 
         x = out[..., layout.component("x").slice].reshape(b, L, layout.num_heads, layout.head_dim)
         store("mamba_x", i, absum(x))
 
+    def shared_hook(i, module, args, out):
+        store("moe_shared_ffn", i, absum(out))
+
+    def experts_hook(i, module, args, out):  # recomputes each expert on its tokens: per-expert outputs
+        x, indices, weights = args[:3]
+        K = indices.shape[1]
+        flat = indices.reshape(-1)
+        expert_score = torch.zeros(module.num_experts, dtype=torch.float64, device=x.device)
+        neuron_score = torch.zeros(module.up_proj.shape[1], dtype=torch.float64, device=x.device)
+        for e in flat.unique().tolist():
+            slots = (flat == e).nonzero().squeeze(1)
+            up = F.linear(x[slots // K].float(), module.up_proj[e].float())
+            neuron_score += up.abs().sum(0).double()
+            y = F.linear(torch.square(F.relu(up)), module.down_proj[e].float()) * weights.reshape(-1)[slots, None]
+            expert_score[e] = torch.linalg.vector_norm(y, dim=-1).double().sum()
+        store("moe_experts", i, expert_score)
+        store("moe_ffn", i, neuron_score)
+
     def block_hook(i, module, args, out):
         cos = F.cosine_similarity(args[0].detach().float(), out.detach().float(), dim=-1)  # (b, L)
         influence[i] += (1.0 - cos).double().sum()
@@ -394,6 +450,9 @@ def activation_scores(model, batches: Iterable, *, log: Callable[[str], None] | 
                 handles.append(mixer.up_proj.register_forward_hook(partial(ffn_hook, i)))
             elif block.layer_type == ATTENTION:
                 handles.append(mixer.q_proj.register_forward_hook(partial(attn_hook, i)))
+            elif block.layer_type == MOE:
+                handles.append(mixer.experts.register_forward_hook(partial(experts_hook, i)))
+                handles.append(mixer.shared_experts.up_proj.register_forward_hook(partial(shared_hook, i)))
             else:
                 handles.append(mixer.in_proj.register_forward_hook(partial(mamba_hook, i, MambaLayout.of(cfg, i))))
         handles.append(model.final_norm.register_forward_hook(hidden_hook))
@@ -484,7 +543,8 @@ def compute_ranking(model, batches: Iterable, *, depth_method: str = "iterative-
     act = activation_scores(model, batches, log=log)
 
     scores: dict = {"hidden": act["hidden"].tolist(), "ffn": {}, "attn_heads": {}, "mamba_heads": {},
-                    "mamba_head_dim": {}, "block_influence": act["block_influence"].tolist()}  # fmt: skip
+                    "mamba_head_dim": {}, "moe_experts": {}, "moe_ffn": {}, "moe_shared_ffn": {},
+                    "block_influence": act["block_influence"].tolist()}  # fmt: skip
     orders: dict = {axis: {} for axis in _PER_LAYER_AXES}
     for i in range(cfg.num_layers):
         d = cfg.layer_dims(i)
@@ -496,6 +556,11 @@ def compute_ranking(model, batches: Iterable, *, depth_method: str = "iterative-
             heads = torch.linalg.vector_norm(act["attn_channels"][i].view(d.num_attention_heads, cfg.head_dim), dim=1)
             orders["attn_heads"][i] = ranked(heads, cfg.num_query_groups)
             scores["attn_heads"][i] = heads.tolist()
+        elif d.kind == MOE:
+            for axis in _MOE_RANKING_AXES:
+                s = act[axis][i]
+                orders[axis][i] = ranked(s, cfg.moe_router_num_groups if axis == "moe_experts" else 1)
+                scores[axis][i] = s.tolist()
         else:
             heads, chans = mamba_scores(act["mamba_x"][i], mamba_top_channels)
             orders["mamba_heads"][i] = ranked(heads, cfg.mamba_num_groups)

@@ -19,12 +19,17 @@ Mamba heads        z and x row blocks and dt rows of in_proj (+bias), conv1d x c
                    (heads move only inside their B/C group; B and C untouched)
 Mamba channels     the same channel permutation inside every head of z / x rows, conv x channels,
                    gated-norm weight and out_proj columns
+routed experts     router rows (gate.weight) and correction bias, dim 0 of both stacked expert tensors
+                   (experts move only inside their routing group)
+expert neurons     up_proj dim 1 and down_proj dim 2 of every routed expert (one order for all)
+shared expert      its up_proj rows (+bias), down_proj cols
 depth              not permuted (callers drop layers by the ranking's removal order)
 =================  ===============================================================================
 
 Why this is exact: RMSNorm means are permutation invariant; a Mamba head reads the B/C of its own
 group, which heads keep; the gated norm's groups coincide with the B/C groups, so a group's
-channel set is unchanged; an attention query head keeps its KV head.
+channel set is unchanged; an attention query head keeps its KV head; routing is over sets of experts, and group-limited
+selection scores a group by its members' best scores, which a reordering inside the group keeps.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from megatron_elastic.elastic.importance import Ranking
-from megatron_elastic.model.config import ATTENTION, MLP
+from megatron_elastic.model.config import ATTENTION, MLP, MOE
 from megatron_elastic.model.hybrid import HybridLM
 from megatron_elastic.model.layout import Index, LayerKeep, is_all, layer_plan, model_plan
 
@@ -65,16 +70,20 @@ def permute_(model: HybridLM, ranking: Ranking) -> HybridLM:
             keep = LayerKeep(ffn=_order(ranking.ffn[i]))
         elif kind == ATTENTION:
             keep = LayerKeep(attn_heads=_order(ranking.attn_heads[i]))
+        elif kind == MOE:
+            keep = LayerKeep(moe_experts=_order(ranking.moe_experts[i]), moe_ffn=_order(ranking.moe_ffn[i]),
+                             moe_shared_ffn=_order(ranking.moe_shared_ffn[i]))  # fmt: skip
         else:
             keep = LayerKeep(mamba_heads=_order(ranking.mamba_heads[i]),
                              mamba_head_dim=_order(ranking.mamba_head_dim[i]))  # fmt: skip
         plan.update({f"layers.{i}.{k}": v for k, v in layer_plan(cfg, i, h, keep).items()})
     done: set[int] = set()
     for name, cut in plan.items():
-        param = model.get_parameter(name)
+        param = model.get_buffer(name) if name.endswith("e_score_correction_bias") else model.get_parameter(name)
         if id(param) in done:  # one tensor under two names (an output layer tied by hand) moves once
             continue
         done.add(id(param))
-        _take_(param, cut.rows, 0)
-        _take_(param, cut.cols, 1)
+        for index, dim in cut.dims:
+            if dim < param.dim():
+                _take_(param, index, dim)
     return model

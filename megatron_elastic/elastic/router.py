@@ -48,12 +48,12 @@ from torch import nn
 from megatron_elastic.elastic.sampler import check_budgets
 from megatron_elastic.elastic.search_space import LAYER_AXIS_KIND, ElasticSpace
 from megatron_elastic.elastic.space import AXES, Architecture, layer_axes
+from megatron_elastic.model.config import MOE
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 
 MASK_MODES = ("hard", "soft")
 TAU_SCHEDULES = ("exponential", "linear", "cosine")
-_LAYER_MASK_FIELD = {"ffn": "ffn", "attn_heads": "attn_heads", "mamba_heads": "mamba_heads",
-                     "mamba_head_dim": "mamba_head_dim"}  # fmt: skip
+_LAYER_MASK_FIELD = {axis: axis for axis in LAYER_AXIS_KIND}  # the LayerMask field of each per-layer axis
 
 
 class RouterSample:
@@ -217,6 +217,8 @@ class Router(nn.Module):
                 nth[axis] += 1
                 if axis in self.heads:
                     setattr(mask, field, axis_mask(axis, axes_here[axis], p, k))
+            if kind == MOE and arch.layers[i].moe_router_topk != space.config.moe_router_topk:
+                mask.moe_topk = arch.layers[i].moe_router_topk  # fewer experts kept than the top-k can reach
             if i not in droppable:
                 mask.keep = 1.0
             elif mode == "soft":

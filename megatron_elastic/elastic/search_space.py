@@ -12,6 +12,10 @@ attn_heads         a multiple of ``num_query_groups`` (the same count in every K
                    ``heads * head_dim`` is a multiple of ``multiple_of``
 mamba_heads        a multiple of ``mamba_num_groups`` (group-aware trimming) such that
                    ``heads * mamba_head_dim`` is a multiple of ``multiple_of``
+moe_experts        a multiple of ``moe_router_num_groups`` (the same count in every routing group),
+                   never below 2 per group
+moe_ffn,           ``multiple_of`` neurons
+moe_shared_ffn
 depth              one layer; a choice is the number of layers kept
 =================  ==============================================================================
 
@@ -26,7 +30,8 @@ then the one before it, and so on — rank the layers (``megatron-elastic import
 rely on this. ``protect_attention`` keeps attention layers out of depth cuts and their heads whole.
 
 Homogeneous spaces pick one choice per axis for the whole model; heterogeneous spaces pick the
-FFN / attention / Mamba sizes per layer (``hidden`` and ``depth`` stay global). The parent must be
+FFN / attention / Mamba / MoE sizes per layer (``hidden`` and ``depth`` stay global). An MoE layer's
+top-k follows its expert count: the parent's, lowered where fewer experts are reachable. The parent must be
 homogeneous (no per-layer sizes) so that a choice means the same size on every layer of a type.
 """
 
@@ -39,18 +44,31 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from megatron_elastic.config.schema import check_fractions
-from megatron_elastic.elastic.space import AXES, WIDTH_AXES, Architecture, Axis, LayerArch, axes_of
+from megatron_elastic.elastic.space import (
+    AXES,
+    AXIS_FIELD,
+    AXIS_KIND,
+    WIDTH_AXES,
+    Architecture,
+    Axis,
+    MOE_AXES,
+    LayerArch,
+    axes_of,
+    reachable_topk,
+)
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import ATTENTION, LAYER_NAMES, MAMBA, MLP, MOE, HybridConfig
 
 # Axes whose choice is made per layer in a heterogeneous space, and the layer type they live on.
-LAYER_AXIS_KIND = {"ffn": MLP, "attn_heads": ATTENTION, "mamba_heads": MAMBA, "mamba_head_dim": MAMBA}
+LAYER_AXIS_KIND = AXIS_KIND
 
 # Parent fields that decide the shapes (and so the costs) of every submodel; check_parent compares them.
 _SHAPE_FIELDS = (
     "vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
     "mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim", "mamba_conv_kernel",
-    "mamba_conv_bias", "mamba_proj_bias", "mlp_bias", "tie_embeddings",
+    "mamba_conv_bias", "mamba_proj_bias", "mlp_bias", "tie_embeddings", "num_moe_experts", "moe_router_topk",
+    "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_latent_size",
 )  # fmt: skip
 
 
@@ -73,12 +91,15 @@ class ElasticSpace:
 
     def __init__(self, config: HybridConfig, *, hidden: Sequence[float] = (1.0,), ffn: Sequence[float] = (1.0,),
                  attn_heads: Sequence[float] = (1.0,), mamba_heads: Sequence[float] = (1.0,),
-                 mamba_head_dim: Sequence[float] = (1.0,), depth: Sequence[float] = (1.0,),
+                 mamba_head_dim: Sequence[float] = (1.0,), moe_experts: Sequence[float] = (1.0,),
+                 moe_ffn: Sequence[float] = (1.0,), moe_shared_ffn: Sequence[float] = (1.0,),
+                 depth: Sequence[float] = (1.0,),
                  depth_order: Sequence[int] | None = None, heterogeneous: bool = False, multiple_of: int = 1,
                  protect_attention: bool = False):  # fmt: skip
         _check_options(config, multiple_of)
         fractions = {"hidden": hidden, "ffn": ffn, "attn_heads": attn_heads, "mamba_heads": mamba_heads,
-                     "mamba_head_dim": mamba_head_dim, "depth": depth}  # fmt: skip
+                     "mamba_head_dim": mamba_head_dim, "moe_experts": moe_experts, "moe_ffn": moe_ffn,
+                     "moe_shared_ffn": moe_shared_ffn, "depth": depth}  # fmt: skip
         fractions = {name: check_fractions(f"elastic.{name}", values) for name, values in fractions.items()}
         units = _units(config, multiple_of)
         full = {name: axis.full for name, axis in axes_of(config).items()}
@@ -87,12 +108,15 @@ class ElasticSpace:
             if name == "attn_heads" and protect_attention:
                 sizes[name] = [full[name]]
                 continue
+            if name in MOE_AXES and any(f < 1.0 for f in fractions[name]) and MOE not in config.layer_types:
+                raise ConfigError(f"elastic.{name}={list(fractions[name])} shrinks mixture-of-experts layers but the "
+                                  f"parent has no 'E' layers; set elastic.{name} to [1.0]")  # fmt: skip
             if any(f < 1.0 for f in fractions[name]) and units[name] > full[name]:
                 raise ConfigError(
                     f"elastic.{name}: the parent's {name} size {full[name]} is smaller than the alignment unit "
                     f"{units[name]} (from multiple_of={multiple_of}); lower multiple_of or use [1.0] for {name}"
                 )
-            sizes[name] = [_round_down(f, full[name], units[name]) for f in fractions[name]]
+            sizes[name] = [max(_floor(config, name), _round_down(f, full[name], units[name])) for f in fractions[name]]
         floor = max(1, config.layer_types.count(ATTENTION)) if protect_attention else 1
         sizes["depth"] = [max(floor, _round_down(f, full["depth"], 1)) for f in fractions["depth"]]
         for name in AXES:
@@ -114,7 +138,8 @@ class ElasticSpace:
         for the parent ``model``; ``depth_order`` is the importance ranking's removal order (None = none)."""
         e = elastic
         return cls(model, hidden=e.hidden, ffn=e.ffn, attn_heads=e.attn_heads, mamba_heads=e.mamba_heads,
-                   mamba_head_dim=e.mamba_head_dim, depth=e.depth, depth_order=depth_order,
+                   mamba_head_dim=e.mamba_head_dim, moe_experts=e.moe_experts, moe_ffn=e.moe_ffn,
+                   moe_shared_ffn=e.moe_shared_ffn, depth=e.depth, depth_order=depth_order,
                    heterogeneous=e.heterogeneous, multiple_of=e.multiple_of,
                    protect_attention=e.protect_attention)  # fmt: skip
 
@@ -162,6 +187,9 @@ class ElasticSpace:
                         f"elastic.{name} size {k} is not a multiple of {units[name]} (multiple_of={multiple_of}"
                         f"{' and the group count' if ax.groups > 1 else ''}); round it down"
                     )
+            if axis.choices[-1] < _floor(config, name):
+                raise ConfigError(f"elastic.{name} size {axis.choices[-1]} leaves fewer than 2 experts in each of the "
+                                  f"{ax.groups} routing groups; keep at least {_floor(config, name)}")  # fmt: skip
             self.axes[name] = axis
         num_attention = config.layer_types.count(ATTENTION)
         if protect_attention:
@@ -264,11 +292,12 @@ class ElasticSpace:
         layers = []
         for i, kind in enumerate(self.config.layer_types):
             kw = {}
-            for axis, field in (("ffn", "ffn_hidden_size"), ("attn_heads", "num_attention_heads"),
-                                ("mamba_heads", "mamba_num_heads"), ("mamba_head_dim", "mamba_head_dim")):  # fmt: skip
+            for axis, field in AXIS_FIELD.items():
                 if LAYER_AXIS_KIND[axis] == kind:
                     kw[field] = per_layer[axis][nth[axis]]
                     nth[axis] += 1
+            if kind == MOE:
+                kw["moe_router_topk"] = min(self.config.moe_router_topk, reachable_topk(self.config, kw["num_moe_experts"]))
             layers.append(LayerArch(kind=kind, keep=i not in dropped, **kw))
         return Architecture(hidden_size=sizes["hidden"], layers=tuple(layers))
 
@@ -311,8 +340,7 @@ class ElasticSpace:
                 f"the elastic space was built for pattern {''.join(self.config.layer_types)!r} but the model has "
                 f"{''.join(config.layer_types)!r}; rebuild the space for this parent or load the matching checkpoint"
             )
-        for name in _SHAPE_FIELDS + tuple(f"{a}_per_layer" for a in (
-                "ffn_hidden_size", "num_attention_heads", "mamba_num_heads", "mamba_head_dim")):  # fmt: skip
+        for name in _SHAPE_FIELDS + tuple(f"{a}_per_layer" for a in (*AXIS_FIELD.values(), "moe_router_topk")):
             ours, theirs = getattr(self.config, name), getattr(config, name)
             if ours != theirs:
                 raise ConfigError(
@@ -327,7 +355,8 @@ class ElasticSpace:
             return []
         units = _units(self.config, self.multiple_of)
         what = {"attn_heads": f"whole KV groups ({self.config.num_query_groups})",
-                "mamba_heads": f"whole Mamba groups ({self.config.mamba_num_groups})"}  # fmt: skip
+                "mamba_heads": f"whole Mamba groups ({self.config.mamba_num_groups})",
+                "moe_experts": f"whole routing groups ({self.config.moe_router_num_groups})"}  # fmt: skip
         lines = []
         for name in WIDTH_AXES:
             full = self.axes[name].full
@@ -345,9 +374,6 @@ class ElasticSpace:
 
 
 def _check_options(config: HybridConfig, multiple_of: int) -> None:
-    if MOE in config.layer_types:
-        raise ConfigError("the elastic parent has mixture-of-experts ('E') layers, which have no elastic axes yet; "
-                          "train or convert it without an elastic section, or use a parent with dense MLP ('-') layers")  # fmt: skip
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of <= 0:
         raise ConfigError(f"elastic.multiple_of={multiple_of!r} is invalid; it must be a positive integer")
     if config.is_heterogeneous:
@@ -368,5 +394,13 @@ def _units(config: HybridConfig, multiple_of: int) -> dict[str, int]:
         "attn_heads": heads_unit(config.num_query_groups, config.head_dim),
         "mamba_heads": heads_unit(config.mamba_num_groups, config.mamba_head_dim),
         "mamba_head_dim": multiple_of,
+        "moe_experts": config.moe_router_num_groups if MOE in config.layer_types else 1,
+        "moe_ffn": multiple_of,
+        "moe_shared_ffn": multiple_of,
         "depth": 1,
     }
+
+
+def _floor(config: HybridConfig, axis: str) -> int:
+    """Smallest size of ``axis``: 2 experts per routing group (a group is scored by its two best), else 1."""
+    return 2 * config.moe_router_num_groups if axis == "moe_experts" and MOE in config.layer_types else 1

@@ -11,8 +11,17 @@ attn_heads         ``k / G_kv`` query heads inside *each* KV group (query heads 
                    ``j < k/G_kv``); KV heads are never trimmed, so the child keeps a valid GQA shape
 mamba_heads        ``k / G`` heads inside *each* B/C group (group-aware); B and C are never masked
 mamba_head_dim     channels ``0..k-1`` of every Mamba head
+moe_experts        ``k / G_r`` routed experts inside *each* routing group (``moe_router_num_groups``),
+                   at least 2 per group; the router's rows and correction bias go with their experts,
+                   and routing runs over the kept experts only
+moe_ffn            neurons ``0..k-1`` of every routed expert of an MoE layer
+moe_shared_ffn     neurons ``0..k-1`` of the shared expert of an MoE layer
 depth              a dropped layer is the identity
 =================  ==============================================================================
+
+An MoE layer's top-k (experts per token) is a choice of the architecture too, made at inference time:
+training and the router keep the parent's top-k, lowered only where fewer experts are reachable (the
+kept experts of the ``moe_router_group_topk`` groups a token may use).
 
 An :class:`Architecture` says, per layer, which size each axis takes (homogeneous: the same for
 all layers of a type; heterogeneous: per layer; the hidden size is always global). It turns into
@@ -28,11 +37,19 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from megatron_elastic.errors import CheckpointError, ConfigError, shown
-from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from megatron_elastic.model.elastic_state import ElasticState, LayerMask
 from megatron_elastic.model.layout import LayerKeep, Take, compact, layer_plan, model_plan
 
-WIDTH_AXES = ("hidden", "ffn", "attn_heads", "mamba_heads", "mamba_head_dim")
+WIDTH_AXES = ("hidden", "ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "moe_experts", "moe_ffn", "moe_shared_ffn")
+MOE_AXES = ("moe_experts", "moe_ffn", "moe_shared_ffn")
+# LayerArch / LayerDims field of each per-layer axis
+AXIS_FIELD = {"ffn": "ffn_hidden_size", "attn_heads": "num_attention_heads", "mamba_heads": "mamba_num_heads",
+              "mamba_head_dim": "mamba_head_dim", "moe_experts": "num_moe_experts", "moe_ffn": "moe_ffn_hidden_size",
+              "moe_shared_ffn": "moe_shared_expert_intermediate_size"}  # fmt: skip
+# the layer type each per-layer axis lives on
+AXIS_KIND = {"ffn": MLP, "attn_heads": ATTENTION, "mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "moe_experts": MOE,
+             "moe_ffn": MOE, "moe_shared_ffn": MOE}  # fmt: skip
 AXES = WIDTH_AXES + ("depth",)
 
 
@@ -100,6 +117,10 @@ class LayerArch:
     num_attention_heads: int | None = None
     mamba_num_heads: int | None = None
     mamba_head_dim: int | None = None
+    num_moe_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_router_topk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,26 +155,32 @@ class Architecture:
             raise bad("it must be an object with exactly hidden_size and layers")
         if not isinstance(data["layers"], list) or not data["layers"]:
             raise bad("layers must be a non-empty list")
-        fields = {"kind", "keep", "ffn_hidden_size", "num_attention_heads", "mamba_num_heads", "mamba_head_dim"}
+        fields = {"kind", "keep", "moe_router_topk", *AXIS_FIELD.values()}
         layers = []
         for layer in data["layers"]:
             if not isinstance(layer, dict) or "kind" not in layer or not set(layer) <= fields:
                 raise bad(f"layer {shown(layer)} must be an object with kind and sizes among {sorted(fields)}")
-            if layer["kind"] not in (MAMBA, ATTENTION, MLP) or not isinstance(layer.get("keep", True), bool):
-                raise bad(f"layer {shown(layer)} has a kind other than M, * or -, or a keep that is not true/false")
+            if layer["kind"] not in (MAMBA, ATTENTION, MLP, MOE) or not isinstance(layer.get("keep", True), bool):
+                raise bad(f"layer {shown(layer)} has a kind other than M, *, - or E, or a keep that is not true/false")
             layers.append(LayerArch(**{k: v if k in ("kind", "keep") else size(v, k) for k, v in layer.items()}))
         return cls(hidden_size=size(data["hidden_size"], "hidden_size", optional=False), layers=tuple(layers))
 
 
 def axes_of(config: HybridConfig) -> dict[str, Axis]:
-    """The parent's axes (no choices): full sizes and group structure."""
+    """The parent's axes (no choices): full sizes and group structure. The MoE axes of a parent without
+    MoE layers have size 1 (no layer to act on)."""
     c = config
+    moe = MOE in c.layer_types
     return {
         "hidden": Axis("hidden", c.hidden_size),
         "ffn": Axis("ffn", c.ffn_hidden_size),
         "attn_heads": Axis("attn_heads", c.num_attention_heads, groups=c.num_query_groups),
         "mamba_heads": Axis("mamba_heads", c.mamba_num_heads, groups=c.mamba_num_groups),
         "mamba_head_dim": Axis("mamba_head_dim", c.mamba_head_dim),
+        "moe_experts": Axis("moe_experts", c.num_moe_experts, groups=c.moe_router_num_groups) if moe
+        else Axis("moe_experts", 1),
+        "moe_ffn": Axis("moe_ffn", c.moe_ffn_hidden_size if moe else 1),
+        "moe_shared_ffn": Axis("moe_shared_ffn", c.moe_shared_expert_intermediate_size if moe else 1),
         "depth": Axis("depth", c.num_layers),
     }
 
@@ -165,33 +192,44 @@ def layer_axes(config: HybridConfig, index: int) -> dict[str, Axis]:
         return {"ffn": Axis("ffn", d.ffn_hidden_size)}
     if d.kind == ATTENTION:
         return {"attn_heads": Axis("attn_heads", d.num_attention_heads, groups=config.num_query_groups)}
+    if d.kind == MOE:
+        return {"moe_experts": Axis("moe_experts", d.num_moe_experts, groups=config.moe_router_num_groups),
+                "moe_ffn": Axis("moe_ffn", d.moe_ffn_hidden_size),
+                "moe_shared_ffn": Axis("moe_shared_ffn", d.moe_shared_expert_intermediate_size)}  # fmt: skip
     return {
         "mamba_heads": Axis("mamba_heads", d.mamba_num_heads, groups=config.mamba_num_groups),
         "mamba_head_dim": Axis("mamba_head_dim", d.mamba_head_dim),
     }
 
 
+def _layer_fields(kind: str) -> list[str]:
+    """The LayerArch size fields of a layer of type ``kind``."""
+    fields = [AXIS_FIELD[axis] for axis, k in AXIS_KIND.items() if k == kind]
+    return fields + ["moe_router_topk"] if kind == MOE else fields
+
+
 def full_architecture(config: HybridConfig) -> Architecture:
     layers = []
     for i in range(config.num_layers):
         d = config.layer_dims(i)
-        layers.append(LayerArch(
-            kind=d.kind,
-            ffn_hidden_size=d.ffn_hidden_size if d.kind == MLP else None,
-            num_attention_heads=d.num_attention_heads if d.kind == ATTENTION else None,
-            mamba_num_heads=d.mamba_num_heads if d.kind == MAMBA else None,
-            mamba_head_dim=d.mamba_head_dim if d.kind == MAMBA else None,
-        ))  # fmt: skip
+        layers.append(LayerArch(kind=d.kind, **{f: getattr(d, f) for f in _layer_fields(d.kind)}))
     return Architecture(hidden_size=config.hidden_size, layers=tuple(layers))
+
+
+def reachable_topk(config: HybridConfig, num_experts: int) -> int:
+    """Most experts a token can be routed to among ``num_experts`` kept ones: those of the
+    ``moe_router_group_topk`` groups it may use."""
+    return config.moe_router_group_topk * (num_experts // config.moe_router_num_groups)
 
 
 def homogeneous(config: HybridConfig, *, hidden: int | None = None, ffn: int | None = None,
                 attn_heads: int | None = None, mamba_heads: int | None = None, mamba_head_dim: int | None = None,
-                drop_layers: tuple[int, ...] | list[int] = ()) -> Architecture:  # fmt: skip
-    """One size per axis for every layer of its type (None = the parent's size)."""
-    def pick(value, default):
-        return default if value is None else value
-
+                moe_experts: int | None = None, moe_ffn: int | None = None, moe_shared_ffn: int | None = None,
+                moe_topk: int | None = None, drop_layers: tuple[int, ...] | list[int] = ()) -> Architecture:  # fmt: skip
+    """One size per axis for every layer of its type (None = the parent's size). ``moe_topk`` None keeps
+    the parent's top-k, lowered to what the kept experts allow (:func:`reachable_topk`)."""
+    sizes = {"ffn": ffn, "attn_heads": attn_heads, "mamba_heads": mamba_heads, "mamba_head_dim": mamba_head_dim,
+             "moe_experts": moe_experts, "moe_ffn": moe_ffn, "moe_shared_ffn": moe_shared_ffn}  # fmt: skip
     full = full_architecture(config)
     dropped = set(drop_layers)
     for i in dropped:
@@ -199,15 +237,14 @@ def homogeneous(config: HybridConfig, *, hidden: int | None = None, ffn: int | N
             raise ConfigError(f"cannot drop layer {i!r}: the parent has layers 0..{config.num_layers - 1}")
     layers = []
     for i, layer in enumerate(full.layers):
-        layers.append(replace(
-            layer,
-            keep=i not in dropped,
-            ffn_hidden_size=pick(ffn, layer.ffn_hidden_size) if layer.kind == MLP else None,
-            num_attention_heads=pick(attn_heads, layer.num_attention_heads) if layer.kind == ATTENTION else None,
-            mamba_num_heads=pick(mamba_heads, layer.mamba_num_heads) if layer.kind == MAMBA else None,
-            mamba_head_dim=pick(mamba_head_dim, layer.mamba_head_dim) if layer.kind == MAMBA else None,
-        ))  # fmt: skip
-    arch = Architecture(hidden_size=pick(hidden, config.hidden_size), layers=tuple(layers))
+        kw = {AXIS_FIELD[axis]: value for axis, value in sizes.items()
+              if value is not None and AXIS_KIND[axis] == layer.kind}  # fmt: skip
+        if layer.kind == MOE:
+            experts = kw.get("num_moe_experts", layer.num_moe_experts)
+            kw["moe_router_topk"] = moe_topk if moe_topk is not None else \
+                min(layer.moe_router_topk, reachable_topk(config, experts))  # fmt: skip
+        layers.append(replace(layer, keep=i not in dropped, **kw))
+    arch = Architecture(hidden_size=config.hidden_size if hidden is None else hidden, layers=tuple(layers))
     validate_architecture(config, arch)
     return arch
 
@@ -223,15 +260,18 @@ def validate_architecture(config: HybridConfig, arch: Architecture) -> None:
     for i, layer in enumerate(arch.layers):
         if layer.kind != config.layer_types[i]:
             raise ConfigError(f"layer {i} is {config.layer_types[i]!r} in the parent, not {layer.kind!r}")
-        ax = layer_axes(config, i)
         where = f"layer {i}"
-        if layer.kind == MLP:
-            ax["ffn"].check_size(layer.ffn_hidden_size, where)
-        elif layer.kind == ATTENTION:
-            ax["attn_heads"].check_size(layer.num_attention_heads, where)
-        else:
-            ax["mamba_heads"].check_size(layer.mamba_num_heads, where)
-            ax["mamba_head_dim"].check_size(layer.mamba_head_dim, where)
+        for name, ax in layer_axes(config, i).items():
+            ax.check_size(getattr(layer, AXIS_FIELD[name]), where)
+        if layer.kind == MOE:
+            experts, topk, groups = layer.num_moe_experts, layer.moe_router_topk, config.moe_router_num_groups
+            if experts // groups < 2:
+                raise ConfigError(f"{where}: moe_experts size {experts} leaves fewer than 2 experts in each of the "
+                                  f"{groups} routing groups (a group is scored by its two best experts); keep at "
+                                  f"least {2 * groups}")  # fmt: skip
+            if isinstance(topk, bool) or not isinstance(topk, int) or not 0 < topk <= reachable_topk(config, experts):
+                raise ConfigError(f"{where}: top-k {topk!r} is invalid with {experts} experts kept; a token can reach "
+                                  f"{reachable_topk(config, experts)} of them, so pick 1..{reachable_topk(config, experts)}")  # fmt: skip
 
 
 def hard_state(config: HybridConfig, arch: Architecture, device=None) -> ElasticState:
@@ -241,17 +281,13 @@ def hard_state(config: HybridConfig, arch: Architecture, device=None) -> Elastic
     hidden = None if arch.hidden_size == config.hidden_size else axes["hidden"].mask(arch.hidden_size, device)
     masks = []
     for i, layer in enumerate(arch.layers):
-        ax = layer_axes(config, i)
         m = LayerMask(keep=1.0 if layer.keep else 0.0)
-        if layer.kind == MLP and layer.ffn_hidden_size != ax["ffn"].full:
-            m.ffn = ax["ffn"].mask(layer.ffn_hidden_size, device)
-        elif layer.kind == ATTENTION and layer.num_attention_heads != ax["attn_heads"].full:
-            m.attn_heads = ax["attn_heads"].mask(layer.num_attention_heads, device)
-        elif layer.kind == MAMBA:
-            if layer.mamba_num_heads != ax["mamba_heads"].full:
-                m.mamba_heads = ax["mamba_heads"].mask(layer.mamba_num_heads, device)
-            if layer.mamba_head_dim != ax["mamba_head_dim"].full:
-                m.mamba_head_dim = ax["mamba_head_dim"].mask(layer.mamba_head_dim, device)
+        for name, ax in layer_axes(config, i).items():
+            size = getattr(layer, AXIS_FIELD[name])
+            if size != ax.full:
+                setattr(m, name, ax.mask(size, device))
+        if layer.kind == MOE and layer.moe_router_topk != config.layer_dims(i).moe_router_topk:
+            m.moe_topk = layer.moe_router_topk
         masks.append(m)
     return ElasticState(hidden=hidden, layers=masks)
 
@@ -262,41 +298,25 @@ def child_config(config: HybridConfig, arch: Architecture) -> HybridConfig:
     validate_architecture(config, arch)
     kept = [arch.layers[i] for i in arch.kept_layers()]
     pattern = "".join(layer.kind for layer in kept)
-
-    def sizes(kind: str, attr: str, default: int):
-        values = [getattr(layer, attr) for layer in kept if layer.kind == kind]
+    kinds = dict(AXIS_KIND, moe_router_topk=MOE)
+    fields = dict(AXIS_FIELD, moe_router_topk="moe_router_topk")
+    changes = {}
+    for axis, field in fields.items():
+        values = [getattr(layer, field) for layer in kept if layer.kind == kinds[axis]]
         if not values:
-            return default, None
-        return (values[0], None) if len(set(values)) == 1 else (max(values), values)
-
-    ffn, ffn_list = sizes(MLP, "ffn_hidden_size", config.ffn_hidden_size)
-    heads, heads_list = sizes(ATTENTION, "num_attention_heads", config.num_attention_heads)
-    mheads, mheads_list = sizes(MAMBA, "mamba_num_heads", config.mamba_num_heads)
-    mdim, mdim_list = sizes(MAMBA, "mamba_head_dim", config.mamba_head_dim)
-    return replace(
-        config,
-        pattern=pattern,
-        hidden_size=arch.hidden_size,
-        ffn_hidden_size=ffn,
-        num_attention_heads=heads,
-        mamba_num_heads=mheads,
-        mamba_head_dim=mdim,
-        ffn_hidden_size_per_layer=ffn_list,
-        num_attention_heads_per_layer=heads_list,
-        mamba_num_heads_per_layer=mheads_list,
-        mamba_head_dim_per_layer=mdim_list,
-    )
+            changes[field], changes[f"{field}_per_layer"] = getattr(config, field), None
+        elif len(set(values)) == 1:
+            changes[field], changes[f"{field}_per_layer"] = values[0], None
+        else:
+            changes[field], changes[f"{field}_per_layer"] = max(values), values
+    return replace(config, pattern=pattern, hidden_size=arch.hidden_size, **changes)
 
 
 def layer_keep(config: HybridConfig, arch: Architecture, index: int) -> LayerKeep:
     """The parent indices layer ``index`` keeps in ``arch`` (slices where they are a prefix)."""
-    layer, ax = arch.layers[index], layer_axes(config, index)
-    if layer.kind == MLP:
-        return LayerKeep(ffn=compact(ax["ffn"].indices(layer.ffn_hidden_size)))
-    if layer.kind == ATTENTION:
-        return LayerKeep(attn_heads=compact(ax["attn_heads"].indices(layer.num_attention_heads)))
-    return LayerKeep(mamba_heads=compact(ax["mamba_heads"].indices(layer.mamba_num_heads)),
-                     mamba_head_dim=compact(ax["mamba_head_dim"].indices(layer.mamba_head_dim)))  # fmt: skip
+    layer = arch.layers[index]
+    return LayerKeep(**{name: compact(ax.indices(getattr(layer, AXIS_FIELD[name])))
+                        for name, ax in layer_axes(config, index).items()})  # fmt: skip
 
 
 def child_name(arch: Architecture, name: str) -> str:

@@ -76,6 +76,10 @@ _PER_LAYER_FIELDS = {
     "num_attention_heads_per_layer": ATTENTION,
     "mamba_num_heads_per_layer": MAMBA,
     "mamba_head_dim_per_layer": MAMBA,
+    "num_moe_experts_per_layer": MOE,
+    "moe_ffn_hidden_size_per_layer": MOE,
+    "moe_shared_expert_intermediate_size_per_layer": MOE,
+    "moe_router_topk_per_layer": MOE,
 }
 
 
@@ -90,6 +94,10 @@ class LayerDims:
     mamba_head_dim: int
     mamba_num_groups: int
     mamba_state_dim: int
+    num_moe_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_shared_expert_intermediate_size: int = 0
+    moe_router_topk: int = 0
 
     @property
     def mamba_d_inner(self) -> int:
@@ -184,6 +192,14 @@ class HybridConfig:
     """Heterogeneous models: Mamba heads per Mamba ('M') layer, in pattern order."""
     mamba_head_dim_per_layer: list[int] | None = None
     """Heterogeneous models: Mamba head_dim per Mamba ('M') layer, in pattern order."""
+    num_moe_experts_per_layer: list[int] | None = None
+    """Heterogeneous models: routed experts per MoE ('E') layer, in pattern order."""
+    moe_ffn_hidden_size_per_layer: list[int] | None = None
+    """Heterogeneous models: expert FFN width per MoE ('E') layer, in pattern order."""
+    moe_shared_expert_intermediate_size_per_layer: list[int] | None = None
+    """Heterogeneous models: shared-expert width per MoE ('E') layer, in pattern order."""
+    moe_router_topk_per_layer: list[int] | None = None
+    """Heterogeneous models: top-k per MoE ('E') layer, in pattern order."""
     _layers: list[str] = field(init=False, repr=False, compare=False)
     _stages: list[int] = field(init=False, repr=False, compare=False)
 
@@ -284,18 +300,23 @@ class HybridConfig:
             raise ConfigError(f"model.moe_router_topk_scaling_factor={scale!r} is invalid; it must be a positive number")
         if not isinstance(self.moe_norm_topk_prob, bool):
             raise ConfigError(f"model.moe_norm_topk_prob={self.moe_norm_topk_prob!r} is invalid; use true or false")
-        experts, groups = self.num_moe_experts, self.moe_router_num_groups
-        if experts % groups or experts // groups < 2:
-            raise ConfigError(f"model.moe_router_num_groups={groups} does not split model.num_moe_experts={experts} "
-                              "into equal groups of at least 2 experts; pick a group count that does")  # fmt: skip
+        groups = self.moe_router_num_groups
         if self.moe_router_group_topk > groups:
             raise ConfigError(f"model.moe_router_group_topk={self.moe_router_group_topk} exceeds "
                               f"model.moe_router_num_groups={groups}; pick at most {groups}")  # fmt: skip
-        reachable = self.moe_router_group_topk * (experts // groups)
-        if self.moe_router_topk > reachable:
-            raise ConfigError(f"model.moe_router_topk={self.moe_router_topk} exceeds the {reachable} experts of the "
-                              f"{self.moe_router_group_topk} group(s) a token may use; lower the top-k or raise "
-                              "model.moe_router_group_topk")  # fmt: skip
+        for i in (i for i, kind in enumerate(self._layers) if kind == MOE):
+            d = self.layer_dims(i)
+            at = f"layer {i}: " if self.is_heterogeneous else ""
+            experts, topk = d.num_moe_experts, d.moe_router_topk
+            if experts % groups or experts // groups < 2:
+                raise ConfigError(f"{at}model.moe_router_num_groups={groups} does not split {experts} routed experts "
+                                  "(model.num_moe_experts) into equal groups of at least 2 experts; pick a group "
+                                  "count that does")  # fmt: skip
+            reachable = self.moe_router_group_topk * (experts // groups)
+            if topk > reachable:
+                raise ConfigError(f"{at}model.moe_router_topk={topk} exceeds the {reachable} experts of the "
+                                  f"{self.moe_router_group_topk} group(s) a token may use; lower the top-k or raise "
+                                  "model.moe_router_group_topk")  # fmt: skip
 
     @property
     def moe_expert_input_size(self) -> int:
@@ -339,6 +360,11 @@ class HybridConfig:
             mamba_head_dim=pick("mamba_head_dim_per_layer", self.mamba_head_dim),
             mamba_num_groups=self.mamba_num_groups,
             mamba_state_dim=self.mamba_state_dim,
+            num_moe_experts=pick("num_moe_experts_per_layer", self.num_moe_experts),
+            moe_ffn_hidden_size=pick("moe_ffn_hidden_size_per_layer", self.moe_ffn_hidden_size),
+            moe_shared_expert_intermediate_size=pick("moe_shared_expert_intermediate_size_per_layer",
+                                                     self.moe_shared_expert_intermediate_size),
+            moe_router_topk=pick("moe_router_topk_per_layer", self.moe_router_topk),
         )
 
     def _model_wide_dims(self) -> "LayerDims":
@@ -413,7 +439,7 @@ def num_parameters(config: HybridConfig) -> dict[str, int]:
             kv = c.num_query_groups * c.head_dim
             n += d * (q + 2 * kv) + q * d
         elif kind == MOE:
-            n += moe_parameters(c)["total"]
+            n += moe_parameters(c, i)["total"]
         else:
             f = L.ffn_hidden_size
             n += 2 * d * f + ((f + d) if c.mlp_bias else 0)
@@ -423,30 +449,39 @@ def num_parameters(config: HybridConfig) -> dict[str, int]:
     return counts
 
 
-def moe_parameters(config: HybridConfig) -> dict[str, int]:
-    """Parameters of one MoE mixer (its block's pre-norm excluded): ``router``, ``experts`` (all routed
-    experts), ``expert`` (one of them), ``shared``, ``latent`` (both projections), ``total`` and
-    ``active`` (what one token uses: router, shared expert, latent projections and top-k experts)."""
+def moe_parameters(config: HybridConfig, layer: int | None = None) -> dict[str, int]:
+    """Parameters of one MoE mixer (its block's pre-norm excluded) of layer ``layer`` (None: the model-wide
+    sizes): ``router`` (its weight rows), ``experts`` (all routed experts), ``expert`` (one of them),
+    ``shared``, ``latent`` (both projections), ``total`` and ``active`` (what one token uses: router, shared
+    expert, latent projections and top-k experts)."""
     c = config
-    d, din, f, s = c.hidden_size, c.moe_expert_input_size, c.moe_ffn_hidden_size, c.moe_shared_expert_intermediate_size
-    bias = c.mlp_bias
+    if layer is None:
+        n_exp, f, s, topk = (c.num_moe_experts, c.moe_ffn_hidden_size, c.moe_shared_expert_intermediate_size,
+                             c.moe_router_topk)  # fmt: skip
+    else:
+        L = c.layer_dims(layer)
+        n_exp, f, s, topk = L.num_moe_experts, L.moe_ffn_hidden_size, L.moe_shared_expert_intermediate_size, L.moe_router_topk
+    d, din, bias = c.hidden_size, c.moe_expert_input_size, c.mlp_bias
     expert = 2 * din * f
     shared = 2 * d * s + ((s + d) if bias else 0)
     latent = (2 * d * c.moe_latent_size + ((c.moe_latent_size + d) if bias else 0)) if c.moe_latent_size else 0
-    router = c.num_moe_experts * d
-    counts = {"router": router, "experts": c.num_moe_experts * expert, "expert": expert, "shared": shared,
-              "latent": latent}  # fmt: skip
+    router = n_exp * d
+    counts = {"router": router, "experts": n_exp * expert, "expert": expert, "shared": shared, "latent": latent}
     counts["total"] = router + counts["experts"] + shared + latent
-    counts["active"] = router + c.moe_router_topk * expert + shared + latent
+    counts["active"] = router + topk * expert + shared + latent
     return counts
-
 
 
 def active_parameters(config: HybridConfig) -> int:
     """Parameters one token uses: the total of :func:`num_parameters` minus, in every MoE ('E')
-    layer, the routed experts beyond the top-k (see ``moe_parameters``'s ``active``)."""
-    unused = moe_parameters(config)["total"] - moe_parameters(config)["active"]
-    return sum(num_parameters(config).values()) - unused * config.layer_types.count(MOE)
+    layer, the routed experts beyond its top-k (see ``moe_parameters``'s ``active``)."""
+    unused = 0
+    for i, kind in enumerate(config.layer_types):
+        if kind == MOE:
+            counts = moe_parameters(config, i)
+            unused += counts["total"] - counts["active"]
+    return sum(num_parameters(config).values()) - unused
+
 
 # ---------------------------------------------------------------------- presets
 def _tiny() -> HybridConfig:

@@ -25,6 +25,15 @@ class LayerMask:
     """(mamba_num_heads,) on a Mamba layer: which heads are kept (same count in every group)."""
     mamba_head_dim: torch.Tensor | None = None
     """(mamba_head_dim,) on a Mamba layer: which channels of every head are kept."""
+    moe_experts: torch.Tensor | None = None
+    """(num_moe_experts,) on an MoE layer: which routed experts are kept (the same count in every routing
+    group). Dropped experts (mask 0) are never routed to; a kept expert's routing weight is scaled by its mask."""
+    moe_ffn: torch.Tensor | None = None
+    """(moe_ffn_hidden_size,) on an MoE layer: which intermediate neurons every routed expert keeps."""
+    moe_shared_ffn: torch.Tensor | None = None
+    """(moe_shared_expert_intermediate_size,) on an MoE layer: which neurons the shared expert keeps."""
+    moe_topk: int | None = None
+    """On an MoE layer: experts per token (None = the layer's own top-k)."""
     keep: float | torch.Tensor = 1.0
     """Depth: 0 skips the layer (identity, not computed), 1 keeps it, a tensor scales its output."""
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, HybridConfig
+from megatron_elastic.model.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 
 Index = torch.Tensor | slice
 """Positions along one axis: a (long) index tensor, or a slice where they are one contiguous range."""
@@ -295,15 +295,28 @@ def shard_pieces(config: HybridConfig, name: str, shape: tuple[int, ...], tp_siz
 
 @dataclass(frozen=True)
 class Take:
-    """What one parameter keeps: ``param[rows][:, cols]`` (``cols`` only for matrices)."""
+    """What one parameter keeps: ``param[rows][:, cols]`` (``cols`` only for matrices); for a stacked
+    ``(experts, out, in)`` tensor (``experts`` not None) ``param[experts][:, rows][:, :, cols]``."""
 
     rows: Index = field(default_factory=lambda: ALL)
     cols: Index = field(default_factory=lambda: ALL)
+    experts: Index | None = None
+    """Stacked expert tensors only: the experts kept (dimension 0; ``rows`` and ``cols`` are then 1 and 2)."""
+
+    @property
+    def dims(self) -> tuple[tuple[Index, int], ...]:
+        """(positions, dimension) of every cut, in the order :meth:`apply` takes them."""
+        if self.experts is None:
+            return ((self.rows, 0), (self.cols, 1))
+        return ((self.experts, 0), (self.rows, 1), (self.cols, 2))
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` cut to the plan: views where both are slices, else gathered copies."""
-        out = take(t, self.rows, 0)
-        return out if is_all(self.cols) else take(out, self.cols, 1)
+        """``t`` cut to the plan: views where all are slices, else gathered copies."""
+        out = t
+        for idx, dim in self.dims:
+            if not is_all(idx):
+                out = take(out, idx, dim)
+        return out
 
 
 @dataclass(frozen=True)
@@ -321,6 +334,12 @@ class LayerKeep:
     """Mamba: heads (each stays inside its B/C group)."""
     mamba_head_dim: Index = field(default_factory=lambda: ALL)
     """Mamba: channels kept inside every head."""
+    moe_experts: Index = field(default_factory=lambda: ALL)
+    """MoE: routed experts (each stays inside its routing group), with their router rows and bias."""
+    moe_ffn: Index = field(default_factory=lambda: ALL)
+    """MoE: intermediate neurons of every routed expert."""
+    moe_shared_ffn: Index = field(default_factory=lambda: ALL)
+    """MoE: intermediate neurons of the shared expert."""
 
 
 def _rows(idx: Index, head_dim: int, n_heads: int) -> Index:
@@ -347,6 +366,24 @@ def layer_plan(config: HybridConfig, layer: int, hidden: Index = ALL, keep: Laye
         plan["mixer.k_proj.weight"] = Take(kv, hidden)
         plan["mixer.v_proj.weight"] = Take(kv, hidden)
         plan["mixer.o_proj.weight"] = Take(hidden, q)
+    elif d.kind == MOE:
+        e, f, sh = compact(keep.moe_experts), compact(keep.moe_ffn), compact(keep.moe_shared_ffn)
+        plan["mixer.gate.weight"] = Take(e, hidden)
+        plan["mixer.gate.e_score_correction_bias"] = Take(e)
+        inner = ALL if config.moe_latent_size else hidden  # the experts read the latent space, else the residual
+        plan["mixer.experts.up_proj"] = Take(f, inner, experts=e)
+        plan["mixer.experts.down_proj"] = Take(inner, f, experts=e)
+        plan["mixer.shared_experts.up_proj.weight"] = Take(sh, hidden)
+        plan["mixer.shared_experts.down_proj.weight"] = Take(hidden, sh)
+        if config.mlp_bias:
+            plan["mixer.shared_experts.up_proj.bias"] = Take(sh)
+            plan["mixer.shared_experts.down_proj.bias"] = Take(hidden)
+        if config.moe_latent_size:
+            plan["mixer.fc1_latent_proj.weight"] = Take(ALL, hidden)
+            plan["mixer.fc2_latent_proj.weight"] = Take(hidden)
+            if config.mlp_bias:
+                plan["mixer.fc1_latent_proj.bias"] = Take(ALL)
+                plan["mixer.fc2_latent_proj.bias"] = Take(hidden)
     else:
         assert d.kind == MAMBA, d.kind
         lay = MambaLayout.of(config, layer)

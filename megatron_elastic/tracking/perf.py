@@ -17,13 +17,10 @@ _PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.
 
 def forward_flops_per_token(model_cfg, seq_len: int) -> float:
     """FLOPs of one forward pass per token of ``model_cfg`` (a HybridConfig) at ``seq_len``."""
-    from megatron_elastic.model.config import ATTENTION, MOE, moe_parameters, num_parameters
+    from megatron_elastic.model.config import ATTENTION, active_parameters, num_parameters
 
     counts = num_parameters(model_cfg)
-    weights = sum(counts.values()) - counts["embedding"]
-    if MOE in model_cfg.layer_types:  # a token runs through its top-k experts only
-        moe = moe_parameters(model_cfg)
-        weights -= model_cfg.layer_types.count(MOE) * (moe["total"] - moe["active"])
+    weights = active_parameters(model_cfg) - counts["embedding"]  # a token runs through its top-k experts only
     if model_cfg.tie_embeddings:  # the tied output projection is a real matmul
         weights += counts["embedding"]
     flops = 2.0 * weights

@@ -190,7 +190,7 @@ def test_router_loss_band():
 
 def test_cost_kind_errors():
     sp = ElasticSpace(preset("tiny"))
-    with pytest.raises(ConfigError, match="cost 'flops' is unknown; use one of params, memory, latency"):
+    with pytest.raises(ConfigError, match="cost 'flops' is unknown; use one of params, active_params, memory, latency"):
         Cost(sp, "flops")
     with pytest.raises(ConfigError, match="needs a latency table"):
         Cost(sp, "latency")

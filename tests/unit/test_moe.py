@@ -155,7 +155,7 @@ def test_load_balancing_loss_reaches_the_router_gradient():
 
 @pytest.mark.parametrize("kw,needle", [
     (dict(num_moe_experts=0), "model.num_moe_experts=0 is invalid; the pattern has MoE ('E') layers"),
-    (dict(moe_router_num_groups=3), "model.moe_router_num_groups=3 does not split model.num_moe_experts=8"),
+    (dict(moe_router_num_groups=3), "model.moe_router_num_groups=3 does not split 8 routed experts"),
     (dict(moe_router_group_topk=5), "model.moe_router_group_topk=5 exceeds model.moe_router_num_groups=4"),
     (dict(moe_router_topk=5, moe_router_group_topk=2), "model.moe_router_topk=5 exceeds the 4 experts"),
     (dict(moe_latent_size=-1), "model.moe_latent_size=-1 is invalid"),
@@ -169,8 +169,9 @@ def test_moe_config_errors_name_the_fix(kw, needle):
 
 def test_features_without_moe_support_refuse_in_one_line():
     cfg = moe_config()
-    with pytest.raises(ConfigError, match=r"^the elastic parent has mixture-of-experts \('E'\) layers"):
-        ElasticSpace(cfg, ffn=[1.0, 0.5])
+    with pytest.raises(ConfigError, match=r"^elastic.moe_ffn=\[1.0, 0.5\] shrinks mixture-of-experts layers but the "
+                       r"parent has no 'E' layers; set elastic.moe_ffn to \[1.0\]$"):
+        ElasticSpace(HybridConfig(**(moe_config().to_dict() | {"pattern": "M*-"})), moe_ffn=[1.0, 0.5])
     with pytest.raises(ConfigError, match=r"^parallel.tp=2 with mixture-of-experts \('E'\) layers is not supported"):
         check_tp_divisibility(cfg, 2)
     with pytest.raises(ConfigError, match=r"^parallel.fp8 with mixture-of-experts"):

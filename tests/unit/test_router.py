@@ -58,6 +58,7 @@ def test_fractions_become_aligned_nested_sizes():
         "hidden": [128, 112, 96, 64], "ffn": [384, 256, 192, 96], "attn_heads": [4, 2],
         "mamba_heads": [8, 6, 4, 2],  # 0.1 * 8 rounds to 0: one head per group is the floor
         "mamba_head_dim": [32, 16], "depth": [7, 6, 5],
+        "moe_experts": [1], "moe_ffn": [1], "moe_shared_ffn": [1],  # no MoE layer: the parent's placeholder only
     }  # fmt: skip
     assert sp.axes["mamba_heads"].groups == 2 and sp.axes["attn_heads"].groups == 2
     assert sp.rounding() == [  # said at start-up: what each inexact fraction became
