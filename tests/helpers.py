@@ -75,6 +75,24 @@ def random_arch(config: HybridConfig, rng: random.Random, *, ffn_multiple: int =
     return Architecture(hidden_size=rng.randint(4, config.hidden_size), layers=tuple(layers))
 
 
+def check_masked_equals_sliced(parent: HybridLM, arch: Architecture, tokens, tol: float):
+    """The extracted child of ``arch`` computes what the masked parent does (to ``tol``), and its
+    parameter count is the analytic one; returns (child, masked logits)."""
+    import torch
+
+    from megatron_elastic.elastic import extract, hard_state
+    from megatron_elastic.model import num_parameters
+
+    child = extract(parent, arch)
+    with torch.no_grad():
+        masked = parent(tokens, elastic=hard_state(parent.config, arch))
+        sliced = child(tokens)
+    assert masked.abs().max() > 1.0
+    torch.testing.assert_close(sliced, masked, rtol=0, atol=tol)
+    assert child.num_parameters() == sum(num_parameters(child.config).values())
+    return child, masked
+
+
 def cli(cli_exe: list[str], *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """The console script with ``args``, as a real subprocess."""
     return run([*cli_exe, *args], cwd=cwd, timeout=timeout)

@@ -7,10 +7,10 @@ import random
 
 import pytest
 import torch
-from helpers import random_arch
+from helpers import check_masked_equals_sliced, random_arch
 from reference import randomize_
 
-from megatron_elastic.elastic import extract, hard_state, homogeneous
+from megatron_elastic.elastic import hard_state, homogeneous
 from megatron_elastic.elastic.importance import Ranking, compute_ranking
 from megatron_elastic.elastic.permute import permute_
 from megatron_elastic.elastic.space import Architecture, LayerArch, child_config, full_architecture
@@ -53,14 +53,7 @@ def tokens():
 
 
 def check(parent, arch, tokens):
-    child = extract(parent, arch)
-    with torch.no_grad():
-        masked = parent(tokens, elastic=hard_state(parent.config, arch))
-        sliced = child(tokens)
-    assert masked.abs().max() > 1.0
-    torch.testing.assert_close(sliced, masked, rtol=0, atol=TOL)
-    assert child.num_parameters() == sum(num_parameters(child.config).values())
-    return child, masked
+    return check_masked_equals_sliced(parent, arch, tokens, TOL)
 
 
 @pytest.mark.parametrize("kw", [dict(moe_experts=8), dict(moe_experts=4), dict(moe_ffn=10), dict(moe_shared_ffn=7),

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from helpers import random_arch
+from helpers import check_masked_equals_sliced, random_arch
 from reference import randomize_
 
 from megatron_elastic.elastic import (
@@ -38,14 +38,7 @@ def tokens():
 
 
 def check(parent, arch, tokens):
-    child = extract(parent, arch)
-    with torch.no_grad():
-        masked = parent(tokens, elastic=hard_state(parent.config, arch))
-        sliced = child(tokens)
-    assert masked.abs().max() > 1.0
-    torch.testing.assert_close(sliced, masked, rtol=0, atol=TOL)
-    assert child.num_parameters() == sum(num_parameters(child.config).values())
-    return child
+    return check_masked_equals_sliced(parent, arch, tokens, TOL)[0]
 
 
 @pytest.mark.parametrize(
