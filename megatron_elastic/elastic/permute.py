@@ -79,7 +79,8 @@ def permute_(model: HybridLM, ranking: Ranking) -> HybridLM:
         plan.update({f"layers.{i}.{k}": v for k, v in layer_plan(cfg, i, h, keep).items()})
     done: set[int] = set()
     for name, cut in plan.items():
-        param = model.get_buffer(name) if name.endswith("e_score_correction_bias") else model.get_parameter(name)
+        owner, _, attr = name.rpartition(".")
+        param = getattr(model.get_submodule(owner), attr)  # a parameter, or a buffer (the routing bias)
         if id(param) in done:  # one tensor under two names (an output layer tied by hand) moves once
             continue
         done.add(id(param))

@@ -346,6 +346,15 @@ def _rows(idx: Index, head_dim: int, n_heads: int) -> Index:
     return ALL if is_all(idx) else compact(head_rows(as_index(idx, n_heads), head_dim))
 
 
+def _mlp_plan(config: HybridConfig, prefix: str, neurons: Index, hidden: Index) -> dict[str, Take]:
+    """An MLP's parameters (an MLP layer's mixer, an MoE layer's shared expert) under ``prefix``."""
+    plan = {f"{prefix}up_proj.weight": Take(neurons, hidden), f"{prefix}down_proj.weight": Take(hidden, neurons)}
+    if config.mlp_bias:
+        plan[f"{prefix}up_proj.bias"] = Take(neurons)
+        plan[f"{prefix}down_proj.bias"] = Take(hidden)
+    return plan
+
+
 def layer_plan(config: HybridConfig, layer: int, hidden: Index = ALL, keep: LayerKeep | None = None) -> dict[str, Take]:
     """Parameter name (relative to ``layers.{layer}.``) -> :class:`Take`, for every parameter of the layer."""
     d = config.layer_dims(layer)
@@ -353,12 +362,7 @@ def layer_plan(config: HybridConfig, layer: int, hidden: Index = ALL, keep: Laye
     hidden = compact(hidden)
     plan = {"norm.weight": Take(hidden)}
     if d.kind == MLP:
-        f = compact(keep.ffn)
-        plan["mixer.up_proj.weight"] = Take(f, hidden)
-        plan["mixer.down_proj.weight"] = Take(hidden, f)
-        if config.mlp_bias:
-            plan["mixer.up_proj.bias"] = Take(f)
-            plan["mixer.down_proj.bias"] = Take(hidden)
+        plan.update(_mlp_plan(config, "mixer.", compact(keep.ffn), hidden))
     elif d.kind == ATTENTION:
         q = _rows(keep.attn_heads, config.head_dim, d.num_attention_heads)
         kv = _rows(keep.kv_heads, config.head_dim, config.num_query_groups)
@@ -373,11 +377,7 @@ def layer_plan(config: HybridConfig, layer: int, hidden: Index = ALL, keep: Laye
         inner = ALL if config.moe_latent_size else hidden  # the experts read the latent space, else the residual
         plan["mixer.experts.up_proj"] = Take(f, inner, experts=e)
         plan["mixer.experts.down_proj"] = Take(inner, f, experts=e)
-        plan["mixer.shared_experts.up_proj.weight"] = Take(sh, hidden)
-        plan["mixer.shared_experts.down_proj.weight"] = Take(hidden, sh)
-        if config.mlp_bias:
-            plan["mixer.shared_experts.up_proj.bias"] = Take(sh)
-            plan["mixer.shared_experts.down_proj.bias"] = Take(hidden)
+        plan.update(_mlp_plan(config, "mixer.shared_experts.", sh, hidden))
         if config.moe_latent_size:
             plan["mixer.fc1_latent_proj.weight"] = Take(ALL, hidden)
             plan["mixer.fc2_latent_proj.weight"] = Take(hidden)
