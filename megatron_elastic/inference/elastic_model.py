@@ -16,7 +16,11 @@ How a child is laid out (the slice plan :func:`megatron_elastic.elastic.space.sl
   :class:`ViewLinear`: a grid of 2-D views, outputs of row blocks concatenated, products of
   column blocks summed;
 * vectors and the depthwise conv kernel (O(width) numbers) are views when their kept entries are
-  one range and small gathered copies otherwise (``copied_bytes`` reports them).
+  one range and small gathered copies otherwise (``copied_bytes`` reports them);
+* an MoE layer's stacked ``(experts, out, in)`` expert tensors are one 3-D view when the kept
+  experts are one range (``experts[:k]`` of a layer without routing groups), else a list of
+  per-expert 2-D views (a prefix inside every group); the router's rows and its correction bias
+  follow the experts (small gathered copies where the experts are not one range).
 
 ``at_budget(B, contiguous=True)`` returns the extracted copy instead (one GEMM per projection,
 the fastest layout; costs the child's memory).
@@ -125,13 +129,35 @@ class _Builder:
         return out
 
     def cut(self, t: torch.Tensor, plan: Take) -> torch.Tensor:
-        out = self.pick(t, plan.rows, 0)
-        return out if is_all(plan.cols) else self.pick(out, plan.cols, 1)
+        """``t`` cut along every dimension of ``plan`` (rows and columns; experts first for stacked tensors)."""
+        out = t
+        for idx, dim in plan.dims:
+            if not is_all(idx):
+                out = self.pick(out, idx, dim)
+        return out
 
     def set(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
         old = module._parameters[name]
         assert tuple(old.shape) == tuple(value.shape), (name, tuple(old.shape), tuple(value.shape))
         module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+    def stacked(self, module: nn.Module, name: str, t: torch.Tensor, plan: Take) -> None:
+        """A stacked ``(experts, out, in)`` parameter: one 3-D view when the kept experts are one range, else
+        a list of per-expert 2-D views (``module.name[e]`` is expert ``e``'s matrix either way)."""
+        experts = _runs(plan.experts, t.shape[0])
+        if len(experts) == 1:
+            return self.set(module, name, self.cut(t, plan))
+        old = module._parameters.pop(name)
+        rows_cols = Take(plan.rows, plan.cols)
+        views = nn.ParameterList(nn.Parameter(self.cut(t[e], rows_cols), requires_grad=False)
+                                 for e in as_index(plan.experts, t.shape[0]).tolist())  # fmt: skip
+        assert (len(views), *views[0].shape) == tuple(old.shape), (name, tuple(old.shape))
+        setattr(module, name, views)
+
+    def set_buffer(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        old = module._buffers[name]
+        assert tuple(old.shape) == tuple(value.shape), (name, tuple(old.shape), tuple(value.shape))
+        module._buffers[name] = value
 
     def linear(self, parent: nn.Module, name: str, weight, bias, plan: Take) -> None:
         old = getattr(parent, name)
@@ -163,6 +189,7 @@ def view_child(model, arch):
         child = HybridLM(child_config(cfg, arch), init=False)
     b = _Builder()
     p = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+    device = next(iter(p.values())).device
     plan = slice_plan(cfg, arch)
     parent_name = {child_name(arch, name): name for name in plan}  # child parameter -> the parent's
     for name, module in list(child.named_modules()):
@@ -174,7 +201,16 @@ def view_child(model, arch):
         elif not isinstance(module, ViewLinear):
             for attr in [a for a, t in module._parameters.items() if t is not None]:
                 src = parent_name[prefix + attr]
-                b.set(module, attr, b.cut(p[src], plan[src]))
+                if plan[src].experts is None:
+                    b.set(module, attr, b.cut(p[src], plan[src]))
+                else:
+                    b.stacked(module, attr, p[src], plan[src])
+            for attr, t in [(a, t) for a, t in module._buffers.items() if t is not None]:
+                src = parent_name.get(prefix + attr)
+                if src is not None:  # a saved buffer (an MoE router's correction bias): cut like a parameter
+                    b.set_buffer(module, attr, b.cut(p[src], plan[src]))
+                else:  # a training-only counter (not saved): fresh zeros of the child's size
+                    b.set_buffer(module, attr, torch.zeros(t.shape, dtype=t.dtype, device=device))
     left = [n for n, t in list(child.named_parameters()) + list(child.named_buffers()) if t.is_meta]
     assert not left, f"view child left unset: {left[:5]}"
     return child.eval(), b.copied_bytes

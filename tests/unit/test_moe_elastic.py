@@ -265,3 +265,39 @@ def test_costs_at_one_hot_are_the_child_counts(heterogeneous):
         assert params(sp, p).item() == sum(num_parameters(child).values())
         assert params(sp, p, active=True).item() == active_parameters(child)
     assert Cost(sp, "active_params").full == active_parameters(cfg)
+
+
+@pytest.mark.parametrize("groups", [1, 2], ids=["ungrouped", "grouped"])
+def test_view_child_holds_views_of_the_parents_experts(tokens, groups):
+    """A view child of an MoE parent computes what the extracted child computes, and its routed experts are
+    views of the parent's stacked tensors: one 3-D view for a prefix of all experts, per-expert 2-D views
+    for a prefix inside every routing group."""
+    from torch import nn
+
+    from megatron_elastic.elastic import extract
+    from megatron_elastic.inference.elastic_model import view_child
+
+    cfg = moe_config(moe_router_num_groups=groups, moe_latent_size=16 if groups == 1 else 0)
+    parent = random_parent(cfg)
+    arch = homogeneous(cfg, hidden=24, moe_experts=6, moe_ffn=16, moe_shared_ffn=20)
+    view, copied = view_child(parent, arch)
+    copy = extract(parent, arch).eval()
+    with torch.no_grad():
+        ref = copy(tokens)
+        torch.testing.assert_close(view(tokens), ref, rtol=0, atol=TOL)
+    assert ref.abs().max() > 0.5
+    owned = {t.untyped_storage().data_ptr() for t in parent.parameters()}
+    for i in (1, 3):
+        experts, kept = view.layers[i].mixer.experts, (slice(0, 6) if groups == 1 else [0, 1, 2, 6, 7, 8])
+        for name in ("up_proj", "down_proj"):
+            stacked = getattr(experts, name)
+            assert isinstance(stacked, nn.ParameterList) == (groups > 1)
+            assert all(stacked[e].untyped_storage().data_ptr() in owned for e in range(6))
+            full = getattr(parent.layers[i].mixer.experts, name)[kept]
+            inner = slice(None) if cfg.moe_latent_size else slice(0, 24)  # the latent space is not cut
+            expected = full[:, :16, inner] if name == "up_proj" else full[:, inner, :16]
+            torch.testing.assert_close(torch.stack([stacked[e] for e in range(6)]), expected, rtol=0, atol=0)
+        bias = parent.layers[i].mixer.gate.e_score_correction_bias[kept]
+        torch.testing.assert_close(view.layers[i].mixer.gate.e_score_correction_bias, bias, rtol=0, atol=0)
+    matrices = sum(t.numel() * t.element_size() for t in view.parameters() if t.dim() >= 2)
+    assert copied < 0.05 * matrices  # only the routers' rows and small vectors are gathered
