@@ -129,7 +129,7 @@ def extract_budgets(checkpoint: str | Path, out: str | Path, *, budget: str | No
     from megatron_elastic.convert.native import read_native_config
     from megatron_elastic.elastic.slicing import extract
     from megatron_elastic.elastic.space import Architecture, child_config
-    from megatron_elastic.model.config import num_parameters
+    from megatron_elastic.model.config import active_parameters, num_parameters
     from megatron_elastic.utils.io import check_writable
 
     ckpt = Path(checkpoint)
@@ -162,7 +162,11 @@ def extract_budgets(checkpoint: str | Path, out: str | Path, *, budget: str | No
         extra = {"architecture.json": json.dumps(arch.to_dict(), indent=2) + "\n"}
         save_model(child, targets[key], fmt, overwrite=overwrite, side_files_from=ckpt, extra_files=extra)
         n = child.num_parameters()
+        moe = ""
+        if c.num_moe_experts:  # MoE: the routed experts x their width, top-k, the shared expert, active parameters
+            moe = (f" experts={c.num_moe_experts}x{c.moe_ffn_hidden_size} top{c.moe_router_topk} "
+                   f"shared={c.moe_shared_expert_intermediate_size} active={active_parameters(c):,}")  # fmt: skip
         log(f"{key:>8}{n:>14,}{100 * n / total:>9.1f}%  {c.pattern} d={c.hidden_size} ffn={c.ffn_hidden_size} "
-            f"attn={c.num_attention_heads} mamba={c.mamba_num_heads}x{c.mamba_head_dim} -> {targets[key]} "
+            f"attn={c.num_attention_heads} mamba={c.mamba_num_heads}x{c.mamba_head_dim}{moe} -> {targets[key]} "
             f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
     return targets
